@@ -1,0 +1,184 @@
+"""Checkpoint -> verified ONNX file, and the ``bnserve-export`` command.
+
+Nothing is written unless every check passes:
+  1. ``onnx.checker`` with ``full_check`` (shape inference included);
+  2. ONNX Runtime's probabilities equal the numpy inference-mode forward within ``TOL`` on the
+     validation set stored in the checkpoint, and the predicted labels are the same;
+  3. the folded graph and the keep-batchnorm graph agree within ``TOL``;
+  4. every validation row predicted alone gives bit-for-bit the output it gets inside the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from model_export import checkpoint, graph, mlp
+from model_export.batchnorm import Array
+from model_export.mlp import Network
+from model_export.train import DEFAULT_CHECKPOINT
+
+DEFAULT_MODEL = Path("models/default.onnx")
+TOL = 1e-5  # float32 graph vs float64 numpy reference, absolute, on probabilities
+
+
+class VerificationError(RuntimeError):
+    """The exported graph does not compute what the network computes; nothing was written."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    model_bytes: bytes
+    report: list[str]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+
+def metadata(net: Network, meta: dict[str, Any], model_version: str) -> dict[str, Any]:
+    figures = meta.get("figures", {})
+    return {
+        "model_version": model_version,
+        "feature_names": meta["feature_names"],
+        "class_names": meta["class_names"],
+        "hidden": meta["hidden"],
+        "eps": net.eps,
+        "estimator": net.estimator,
+        "beta_avg": net.beta_avg,
+        "averaging": meta.get("averaging", ""),
+        "train_accuracy": figures.get("train_accuracy"),
+        "val_accuracy": figures.get("val_accuracy"),
+        "n_train": figures.get("n_train"),
+        "n_val": figures.get("n_val"),
+        "data_sha256": meta["data_sha256"],
+        "data_source": meta.get("data_source", ""),
+        "opset": graph.OPSET,
+    }
+
+
+def run_onnx(model_bytes: bytes, x: NDArray[np.float32]) -> tuple[Array, NDArray[np.int64]]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # deterministic and cheap: one thread is plenty here
+    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    probs, labels = sess.run([graph.OUTPUT_PROBS, graph.OUTPUT_LABEL], {graph.INPUT: x})
+    return np.asarray(probs), np.asarray(labels)
+
+
+def _check(ok: bool, line: str, report: list[str], log: Callable[[str], None]) -> None:
+    line = f"verify: {line} ... {'ok' if ok else 'FAILED'}"
+    report.append(line)
+    log(line)
+    if not ok:
+        raise VerificationError(line)
+
+
+def export(
+    net: Network,
+    meta: dict[str, Any],
+    verify_x: Array,
+    folded: bool = True,
+    model_version: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Exported:
+    version = model_version or default_version(net)
+    props = metadata(net, meta, version)
+    model = graph.build(net, props, folded=folded)
+    other = graph.build(net, props, folded=not folded)
+    report: list[str] = []
+
+    onnx.checker.check_model(model, full_check=True)
+    _check(True, f"onnx.checker full_check (opset {graph.OPSET}, IR {graph.IR_VERSION})", report, log)
+
+    model_bytes = model.SerializeToString()
+    x32 = verify_x.astype(np.float32)
+    probs, labels = run_onnx(model_bytes, x32)
+    # The reference sees exactly the float32 inputs the graph sees, computed in float64.
+    ref = mlp.forward_infer(net, x32.astype(np.float64))
+    diff = float(np.abs(probs - ref).max())
+    same = int((labels == ref.argmax(axis=1)).sum())
+    _check(
+        diff <= TOL and same == len(labels),
+        f"onnxruntime vs numpy inference forward on {len(labels)} validation rows: "
+        f"max |dp| {diff:.2e} (tol {TOL:.0e}), labels equal {same}/{len(labels)}",
+        report, log,
+    )
+
+    other_probs, other_labels = run_onnx(other.SerializeToString(), x32)
+    diff = float(np.abs(probs - other_probs).max())
+    _check(
+        diff <= TOL and bool((labels == other_labels).all()),
+        f"folded vs keep-batchnorm graph: max |dp| {diff:.2e} (tol {TOL:.0e}), labels equal",
+        report, log,
+    )
+
+    alone = [run_onnx(model_bytes, x32[i : i + 1]) for i in range(len(x32))]
+    alone_probs = np.concatenate([a[0] for a in alone])
+    alone_labels = np.concatenate([a[1] for a in alone])
+    n_diff = int((alone_probs != probs).any(axis=1).sum() + (alone_labels != labels).sum())
+    _check(
+        n_diff == 0,
+        f"each of {len(x32)} rows predicted alone vs inside the batch: {n_diff} differ (bitwise)",
+        report, log,
+    )
+    return Exported(model_bytes=model_bytes, report=report)
+
+
+def default_version(net: Network) -> str:
+    """A content hash of the parameters and statistics: the same model gets the same version."""
+    h = hashlib.sha256()
+    for name in sorted({**net.params, **net.stats}):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray({**net.params, **net.stats}[name]).tobytes())
+    h.update(f"{net.eps}|{net.estimator}".encode())
+    return "sha-" + h.hexdigest()[:12]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bnserve-export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--keep-batchnorm", action="store_true",
+                   help="explicit BatchNormalization nodes instead of folding them into Gemm")
+    p.add_argument("--model-version", default=None, help="default: a hash of the parameters")
+    args = p.parse_args(argv)
+    try:
+        net, meta, verify_x, _ = checkpoint.load(args.checkpoint)
+        result = export(net, meta, verify_x, folded=not args.keep_batchnorm,
+                        model_version=args.model_version)
+    except (checkpoint.CheckpointError, VerificationError, onnx.checker.ValidationError) as e:
+        print(f"bnserve-export: error: {e}", file=sys.stderr)
+        return 2
+    write_atomic(args.out, result.model_bytes)
+    print(f"model written: {args.out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
