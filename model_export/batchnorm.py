@@ -75,9 +75,7 @@ def backward(dz_tilde: Array, cache: BatchCache) -> tuple[Array, Array, Array]:
     dbeta = dz_tilde.sum(axis=0)
     dz_norm = dz_tilde * cache.gamma
     dz = (cache.inv_std / m) * (
-        m * dz_norm
-        - dz_norm.sum(axis=0)
-        - cache.z_norm * (dz_norm * cache.z_norm).sum(axis=0)
+        m * dz_norm - dz_norm.sum(axis=0) - cache.z_norm * (dz_norm * cache.z_norm).sum(axis=0)
     )
     return dz, dgamma, dbeta
 

@@ -112,7 +112,9 @@ def _network(arrays: dict[str, NDArray[Any]], meta: dict[str, Any], path: Path) 
                 f"(from {n_features} features, hidden {hidden}, {n_classes} classes)"
             )
     if "verify.x" not in arrays or arrays["verify.x"].shape[1:] != (n_features,):
-        raise CheckpointError(f"{path}: validation set 'verify.x' is missing or not (n, {n_features})")
+        raise CheckpointError(
+            f"{path}: validation set 'verify.x' is missing or not (n, {n_features})"
+        )
     if meta["estimator"] not in ESTIMATORS:
         raise CheckpointError(f"{path}: unknown estimator {meta['estimator']!r}")
     for l in range(len(hidden)):
@@ -120,8 +122,12 @@ def _network(arrays: dict[str, NDArray[Any]], meta: dict[str, Any], path: Path) 
             v = arrays.get(f"hidden.{l}.{k}")
             if v is not None and (v < 0).any():
                 raise CheckpointError(f"{path}: {k} of layer {l} has negative entries")
-    params = {k: v for k, v in arrays.items() if k.startswith(("hidden.", "output.")) and _is_param(k)}
-    stats = {k: v for k, v in arrays.items() if k.startswith(("input.", "hidden.")) and not _is_param(k)}
+    params = {
+        k: v for k, v in arrays.items() if k.startswith(("hidden.", "output.")) and _is_param(k)
+    }
+    stats = {
+        k: v for k, v in arrays.items() if k.startswith(("input.", "hidden.")) and not _is_param(k)
+    }
     return Network(
         params=params,
         stats=stats,

@@ -88,7 +88,9 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
     for r, row in enumerate(body):
         line = r + 2  # 1-based, after the header
         if len(row) != len(header):
-            raise DataError(f"{source}: line {line} has {len(row)} fields, the header has {len(header)}")
+            raise DataError(
+                f"{source}: line {line} has {len(row)} fields, the header has {len(header)}"
+            )
         for j, name in enumerate(features):
             cell = row[col[name]].strip()
             try:
@@ -98,7 +100,9 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
                     f"{source}: line {line}, column {name!r}: {cell!r} is not a number"
                 ) from None
             if not math.isfinite(value):
-                raise DataError(f"{source}: line {line}, column {name!r}: {cell!r} is missing or not finite")
+                raise DataError(
+                    f"{source}: line {line}, column {name!r}: {cell!r} is missing or not finite"
+                )
             x[r, j] = value
         label = row[col[target]].strip()
         if not label:
@@ -107,7 +111,9 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
 
     classes = _class_order(labels)
     if len(classes) < 2:
-        raise DataError(f"{source}: target {target!r} has {len(classes)} class(es); at least 2 are needed")
+        raise DataError(
+            f"{source}: target {target!r} has {len(classes)} class(es); at least 2 are needed"
+        )
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[v] for v in labels], dtype=np.int64)
     return Dataset(
@@ -131,7 +137,9 @@ def stratified_split(
     for c in np.unique(y):
         rows = np.flatnonzero(y == c)
         if rows.size < 2:
-            raise DataError(f"class index {int(c)} has {rows.size} example(s); each class needs at least 2")
+            raise DataError(
+                f"class index {int(c)} has {rows.size} example(s); each class needs at least 2"
+            )
         rows = rng.permutation(rows)
         n_val = min(rows.size - 1, max(1, round(rows.size * val_fraction)))
         val.append(rows[:n_val])

@@ -100,7 +100,9 @@ def export(
     report: list[str] = []
 
     onnx.checker.check_model(model, full_check=True)
-    _check(True, f"onnx.checker full_check (opset {graph.OPSET}, IR {graph.IR_VERSION})", report, log)
+    _check(
+        True, f"onnx.checker full_check (opset {graph.OPSET}, IR {graph.IR_VERSION})", report, log
+    )
 
     model_bytes = model.SerializeToString()
     x32 = verify_x.astype(np.float32)
@@ -113,7 +115,8 @@ def export(
         diff <= TOL and same == len(labels),
         f"onnxruntime vs numpy inference forward on {len(labels)} validation rows: "
         f"max |dp| {diff:.2e} (tol {TOL:.0e}), labels equal {same}/{len(labels)}",
-        report, log,
+        report,
+        log,
     )
 
     other_probs, other_labels = run_onnx(other.SerializeToString(), x32)
@@ -121,7 +124,8 @@ def export(
     _check(
         diff <= TOL and bool((labels == other_labels).all()),
         f"folded vs keep-batchnorm graph: max |dp| {diff:.2e} (tol {TOL:.0e}), labels equal",
-        report, log,
+        report,
+        log,
     )
 
     alone = [run_onnx(model_bytes, x32[i : i + 1]) for i in range(len(x32))]
@@ -131,7 +135,8 @@ def export(
     _check(
         n_diff == 0,
         f"each of {len(x32)} rows predicted alone vs inside the batch: {n_diff} differ (bitwise)",
-        report, log,
+        report,
+        log,
     )
     return Exported(model_bytes=model_bytes, report=report)
 
@@ -160,18 +165,25 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bnserve-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bnserve-export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--keep-batchnorm", action="store_true",
-                   help="explicit BatchNormalization nodes instead of folding them into Gemm")
+    p.add_argument(
+        "--keep-batchnorm",
+        action="store_true",
+        help="explicit BatchNormalization nodes instead of folding them into Gemm",
+    )
     p.add_argument("--model-version", default=None, help="default: a hash of the parameters")
     args = p.parse_args(argv)
     try:
         net, meta, verify_x, _ = checkpoint.load(args.checkpoint)
-        result = export(net, meta, verify_x, folded=not args.keep_batchnorm,
-                        model_version=args.model_version)
+        result = export(
+            net, meta, verify_x, folded=not args.keep_batchnorm, model_version=args.model_version
+        )
     except (checkpoint.CheckpointError, VerificationError, onnx.checker.ValidationError) as e:
         print(f"bnserve-export: error: {e}", file=sys.stderr)
         return 2

@@ -42,7 +42,8 @@ def folded_layers(net: Network) -> list[tuple[Array, Array]]:
     mean, std = net.stats["input.mean"], net.stats["input.std"]
     layers: list[tuple[Array, Array]] = []
     weights = [p[f"hidden.{l}.weight"] for l in range(net.n_hidden)] + [p["output.weight"]]
-    for l, w in enumerate(weights):
+    for l, weight in enumerate(weights):
+        w = weight
         b = p["output.bias"] if l == net.n_hidden else np.zeros(w.shape[1])
         if l == 0:  # (x - m) / s @ W + b  ==  x @ (W / s) + (b - (m / s) @ W)
             w, b = w / std[:, None], b - (mean / std) @ w
@@ -68,33 +69,53 @@ def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.M
         for l, (w, b) in enumerate(layers):
             inits += [_init(f"gemm{l}.W", w), _init(f"gemm{l}.b", b)]
             z = "logits" if l == len(layers) - 1 else f"gemm{l}.out"
-            nodes.append(helper.make_node("Gemm", [a, f"gemm{l}.W", f"gemm{l}.b"], [z], name=f"gemm{l}"))
+            nodes.append(
+                helper.make_node("Gemm", [a, f"gemm{l}.W", f"gemm{l}.b"], [z], name=f"gemm{l}")
+            )
             if l < len(layers) - 1:
                 a = f"relu{l}.out"
                 nodes.append(helper.make_node("Relu", [z], [a], name=f"relu{l}"))
     else:
         p = net.params
-        inits += [_init("input.mean", net.stats["input.mean"]), _init("input.std", net.stats["input.std"])]
+        inits += [
+            _init("input.mean", net.stats["input.mean"]),
+            _init("input.std", net.stats["input.std"]),
+        ]
         nodes += [
             helper.make_node("Sub", [INPUT, "input.mean"], ["centred"], name="standardise_sub"),
-            helper.make_node("Div", ["centred", "input.std"], ["standardised"], name="standardise_div"),
+            helper.make_node(
+                "Div", ["centred", "input.std"], ["standardised"], name="standardise_div"
+            ),
         ]
         a = "standardised"
         for l, (mu, var) in enumerate(net.layer_stats()):
             names = [f"bn{l}.{k}" for k in ("gamma", "beta", "mean", "var")]
             inits += [_init(f"linear{l}.W", p[f"hidden.{l}.weight"])]
-            inits += [_init(n, v) for n, v in zip(names, (p[f"hidden.{l}.gamma"], p[f"hidden.{l}.beta"], mu, var), strict=True)]
+            inits += [
+                _init(n, v)
+                for n, v in zip(
+                    names, (p[f"hidden.{l}.gamma"], p[f"hidden.{l}.beta"], mu, var), strict=True
+                )
+            ]
             nodes += [
-                helper.make_node("MatMul", [a, f"linear{l}.W"], [f"linear{l}.out"], name=f"linear{l}"),
                 helper.make_node(
-                    "BatchNormalization", [f"linear{l}.out", *names], [f"bn{l}.out"],
-                    name=f"bn{l}", epsilon=net.eps, momentum=net.beta_avg,
+                    "MatMul", [a, f"linear{l}.W"], [f"linear{l}.out"], name=f"linear{l}"
+                ),
+                helper.make_node(
+                    "BatchNormalization",
+                    [f"linear{l}.out", *names],
+                    [f"bn{l}.out"],
+                    name=f"bn{l}",
+                    epsilon=net.eps,
+                    momentum=net.beta_avg,
                 ),
                 helper.make_node("Relu", [f"bn{l}.out"], [f"relu{l}.out"], name=f"relu{l}"),
             ]
             a = f"relu{l}.out"
         inits += [_init("output.W", p["output.weight"]), _init("output.b", p["output.bias"])]
-        nodes.append(helper.make_node("Gemm", [a, "output.W", "output.b"], ["logits"], name="output"))
+        nodes.append(
+            helper.make_node("Gemm", [a, "output.W", "output.b"], ["logits"], name="output")
+        )
 
     nodes += [
         helper.make_node("Softmax", ["logits"], [OUTPUT_PROBS], name="softmax", axis=1),
@@ -109,7 +130,7 @@ def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.M
             helper.make_tensor_value_info(OUTPUT_LABEL, TensorProto.INT64, ["N"]),
         ],
         initializer=inits,
-        doc_string="Batch-norm MLP in inference mode: every row's output depends on that row alone.",
+        doc_string="Batch-norm MLP in inference mode: each row's output depends on that row alone.",
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bnserve"

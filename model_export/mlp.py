@@ -99,7 +99,8 @@ def init_network(
 def softmax(logits: Array) -> Array:
     shifted = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
+    probs: Array = e / e.sum(axis=1, keepdims=True)
+    return probs
 
 
 @dataclass
@@ -107,9 +108,11 @@ class TrainForward:
     """The train-mode forward pass: logits plus what backward and the running averages need."""
 
     logits: Array
-    inputs: list[Array] = field(default_factory=list)  # a_{l-1} for each hidden layer, then the last
+    inputs: list[Array] = field(
+        default_factory=list
+    )  # a_{l-1} for each hidden layer, then the last
     caches: list[BatchCache] = field(default_factory=list)
-    relu_masks: list[Array] = field(default_factory=list)
+    relu_masks: list[NDArray[np.bool_]] = field(default_factory=list)
     batch_mu: list[Array] = field(default_factory=list)
     batch_var: list[Array] = field(default_factory=list)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from model_export import batchnorm, checkpoint, data, mlp
 from model_export.batchnorm import Array
@@ -51,7 +52,9 @@ class Adam:
             params[k] = params[k] - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
-def accuracy(net: Network, x: Array, y: Array, estimator: Estimator | None = None) -> float:
+def accuracy(
+    net: Network, x: Array, y: NDArray[np.int64], estimator: Estimator | None = None
+) -> float:
     probs = mlp.forward_infer(net, x, net.layer_stats(estimator))
     return float((probs.argmax(axis=1) == y).mean())
 
@@ -61,14 +64,12 @@ class TrainResult:
     net: Network
     meta: dict[str, Any]
     x_train: Array
-    y_train: Array
+    y_train: NDArray[np.int64]
     x_val: Array
-    y_val: Array
+    y_val: NDArray[np.int64]
 
 
-def train(
-    ds: data.Dataset, cfg: TrainConfig, log: Callable[[str], None] = print
-) -> TrainResult:
+def train(ds: data.Dataset, cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     if cfg.batch_size < 2:
         raise data.DataError("batch size must be at least 2: a batch of one has no variance")
     rng = np.random.default_rng(cfg.seed)
@@ -81,7 +82,14 @@ def train(
         )
     mean, std = data.standardisation(x_train)
     net = mlp.init_network(
-        len(ds.feature_names), list(cfg.hidden), len(ds.class_names), mean, std, rng, cfg.eps, cfg.beta_avg
+        len(ds.feature_names),
+        list(cfg.hidden),
+        len(ds.class_names),
+        mean,
+        std,
+        rng,
+        cfg.eps,
+        cfg.beta_avg,
     )
     opt = Adam(lr=cfg.lr)
     history: list[dict[str, float]] = []
@@ -96,7 +104,9 @@ def train(
             rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             loss, grads, fwd = mlp.loss_and_grads(net, x_train[rows], y_train[rows])
             if not np.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at epoch {epoch}: lower the learning rate")
+                raise FloatingPointError(
+                    f"loss is {loss} at epoch {epoch}: lower the learning rate"
+                )
             opt.step(net.params, grads)
             for l, (mu, var) in enumerate(zip(fwd.batch_mu, fwd.batch_var, strict=True)):
                 for key, theta in (("running_mean", mu), ("running_var", var)):
@@ -151,16 +161,24 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive layer widths, got {text!r}")
     return values
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, help="CSV with a header row (default: the shipped breast-cancer data)")
-    p.add_argument("--target", default=None, help="target column (default for the shipped data: diagnosis)")
-    p.add_argument("--features", default=None, help="comma-separated feature columns (default: all others)")
+    p.add_argument(
+        "--data", type=Path, help="CSV with a header row (default: the shipped breast-cancer data)"
+    )
+    p.add_argument(
+        "--target", default=None, help="target column (default for the shipped data: diagnosis)"
+    )
+    p.add_argument(
+        "--features", default=None, help="comma-separated feature columns (default: all others)"
+    )
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -170,10 +188,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--eps", type=float, default=d.eps, help="batch-norm epsilon")
-    p.add_argument("--beta-avg", type=float, default=d.beta_avg,
-                   help="running-average weight of the old value (PyTorch momentum = 1 - this)")
-    p.add_argument("--estimator", choices=mlp.ESTIMATORS, default=d.estimator,
-                   help="where inference takes mu and sigma^2 from")
+    p.add_argument(
+        "--beta-avg",
+        type=float,
+        default=d.beta_avg,
+        help="running-average weight of the old value (PyTorch momentum = 1 - this)",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=mlp.ESTIMATORS,
+        default=d.estimator,
+        help="where inference takes mu and sigma^2 from",
+    )
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--seed", type=int, default=d.seed)
 
@@ -195,9 +221,15 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     if args.epochs < 1:
         raise data.DataError("--epochs must be at least 1")
     return TrainConfig(
-        hidden=tuple(args.hidden), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eps=args.eps, beta_avg=args.beta_avg, estimator=args.estimator,
-        val_fraction=args.val_fraction, seed=args.seed,
+        hidden=tuple(args.hidden),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        eps=args.eps,
+        beta_avg=args.beta_avg,
+        estimator=args.estimator,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
     )
 
 
@@ -210,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds = load_data(args)
         cfg = config_from(args)
-        print(f"data: {ds.source}  {ds.x.shape[0]} rows x {ds.x.shape[1]} features, "
-              f"classes {list(ds.class_names)}  sha256 {ds.sha256[:12]}")
+        print(
+            f"data: {ds.source}  {ds.x.shape[0]} rows x {ds.x.shape[1]} features, "
+            f"classes {list(ds.class_names)}  sha256 {ds.sha256[:12]}"
+        )
         result = train(ds, cfg)
     except (data.DataError, FloatingPointError) as e:
         print(f"bnserve-train: error: {e}", file=sys.stderr)
