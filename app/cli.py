@@ -1,0 +1,161 @@
+"""bnserve-serve: run the service with uvicorn (uvloop event loop, httptools HTTP parser).
+
+Settings come from BNSERVE_* environment variables (listed below); the few flags override
+them. Exit status: 0 after a clean shutdown (SIGTERM or Ctrl-C), 2 for invalid settings or
+(with BNSERVE_FAIL_FAST=true) an unusable model, 3 if the server could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+
+from pydantic import ValidationError
+
+from app import logs
+from app.settings import Settings
+
+log = logging.getLogger("bnserve.cli")
+
+APP_FACTORY = "app.main:create_app_from_env"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
+STARTUP_FAILURE = 3  # uvicorn's exit status for a server that could not start
+_FLAGS = ("model_path", "host", "port", "workers", "log_level", "log_format")
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = "\n".join(
+        f"  BNSERVE_{name.upper():<26} {field.description} "
+        f"(default: {'unset' if field.default is None else field.default})"
+        for name, field in Settings.model_fields.items()
+    )
+    p = argparse.ArgumentParser(
+        prog="bnserve-serve", description=__doc__,
+        epilog="environment variables:\n" + env,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model-path", help="ONNX file to serve (BNSERVE_MODEL_PATH)")
+    p.add_argument("--host", help="interface to listen on (BNSERVE_HOST)")
+    p.add_argument("--port", type=int, help="port to listen on (BNSERVE_PORT)")
+    p.add_argument("--workers", type=int, help="worker processes (BNSERVE_WORKERS)")
+    p.add_argument("--log-level", help="BNSERVE_LOG_LEVEL")
+    p.add_argument("--log-format", choices=["json", "text"], help="BNSERVE_LOG_FORMAT")
+    return p
+
+
+def _prepare_metrics_dir(settings: Settings) -> Path | None:
+    """Point prometheus_client at a clean multiprocess directory (before any worker imports it).
+
+    Returns the directory if this process created it (and so must remove it at exit).
+    """
+    if settings.metrics_dir is None and settings.workers == 1:
+        os.environ.pop(MULTIPROC_ENV, None)  # the setting decides, not a stale variable
+        return None
+    created = None
+    if settings.metrics_dir is None:
+        created = Path(tempfile.mkdtemp(prefix="bnserve-metrics-"))
+        path = created
+    else:
+        path = settings.metrics_dir
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):  # files of a previous run would be summed in
+            stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    os.environ["BNSERVE_METRICS_DIR"] = str(path)
+    return created
+
+
+def _check_model(settings: Settings) -> bool:
+    from app.predictor import ModelError, Predictor  # noqa: PLC0415 - only needed here
+
+    try:
+        Predictor.load(settings.model_path, 1, 1).warm_up(settings.max_batch)
+    except ModelError as e:
+        log.error("model not loaded: %s; exiting (fail_fast)", e)
+        return False
+    return True
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn  # noqa: PLC0415 - after the environment is prepared
+    from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
+
+    config = uvicorn.Config(
+        APP_FACTORY, factory=True, host=settings.host, port=settings.port,
+        workers=settings.workers, loop="uvloop", http="httptools", lifespan="on",
+        log_config=logs.config_dict(settings.log_level, settings.log_format),
+        log_level=settings.log_level, access_log=False, server_header=False,
+        proxy_headers=False,  # nothing here uses the client address: skip X-Forwarded-* parsing
+        timeout_keep_alive=settings.keep_alive_seconds,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
+    )
+    if settings.workers > 1:
+        # Each worker gets SIGTERM from the supervisor and runs the same lifespan, which makes
+        # its readiness 503 and drains it (app/lifecycle.py).
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+        return STARTUP_FAILURE if failed else 0
+
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # Active before uvicorn installs its handlers, and again after it restores them: it
+        # re-raises the signal after a graceful shutdown, which with the default disposition
+        # would turn a clean drain into death by SIGTERM. Here it just ends the run (exit 0).
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.run()
+    except SystemExit as e:  # uvicorn exits like this when the lifespan start-up fails
+        return e.code if isinstance(e.code, int) else STARTUP_FAILURE
+    return 0 if server.started else STARTUP_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name in _FLAGS:  # through the environment, so worker processes see them too
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"BNSERVE_{name.upper()}"] = str(value)
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"bnserve-serve: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    budget = settings.cpu_budget()
+    intra, inter = settings.threads(budget)
+    log.info(
+        "starting bnserve: %d worker(s), onnxruntime %d intra-op / %d inter-op thread(s) each; "
+        "CPU budget %s", settings.workers, intra, inter, budget.describe(),
+        extra={"fields": {
+            "model_path": str(settings.model_path), "host": settings.host, "port": settings.port,
+            "workers": settings.workers, "cpu_budget": budget.cpus,
+            "intra_op_threads": intra, "inter_op_threads": inter,
+            "threads_from": "settings" if settings.intra_op_threads else "cpu budget",
+            "max_body_bytes": settings.max_body_bytes, "max_batch": settings.max_batch,
+            "fail_fast": settings.fail_fast,
+        }},
+    )
+    created = _prepare_metrics_dir(settings)
+    try:
+        if settings.fail_fast and not _check_model(settings):
+            return 2
+        return _serve(settings)
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

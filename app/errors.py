@@ -1,0 +1,85 @@
+"""Client-facing errors and the one JSON shape every error response has.
+
+    {"error": {"message": "...", "expected": "...", "request_id": "..."}}
+
+``expected`` is present when there is something useful to say about what a valid request looks
+like. Internal errors never leak details: their message is generic and the request id links the
+answer to the logged traceback.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+INTERNAL_ERROR_MESSAGE = "internal server error; the request id identifies it in the server logs"
+
+
+class ServiceError(Exception):
+    """An error the client can act on; answered with ``status_code`` and the error shape."""
+
+    status_code = 500
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        expected: str | None = None,
+        status_code: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.expected = expected
+        if status_code is not None:
+            self.status_code = status_code
+        self.headers = headers or {}
+
+
+class BadInputError(ServiceError):
+    """The body parsed but is not a valid request (wrong shape, type or value)."""
+
+    status_code = 422
+
+
+class MalformedBodyError(BadInputError):
+    """The body is empty or not JSON at all."""
+
+    status_code = 400
+
+
+class PayloadTooLargeError(ServiceError):
+    status_code = 413
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status_code = 415
+
+
+class MethodNotAllowedError(ServiceError):
+    status_code = 405
+
+    def __init__(self, method: str, path: str, allowed: str) -> None:
+        super().__init__(
+            f"method {method} is not allowed on {path}",
+            expected=f"{allowed} {path}",
+            headers={"allow": allowed},
+        )
+
+
+class NotReadyError(ServiceError):
+    status_code = 503
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"the model is not ready: {reason}",
+            expected="retry once GET /readyz answers 200",
+            headers={"retry-after": "1"},
+        )
+
+
+def error_body(message: str, request_id: str, expected: str | None = None) -> bytes:
+    err: dict[str, str] = {"message": message}
+    if expected is not None:
+        err["expected"] = expected
+    err["request_id"] = request_id
+    return orjson.dumps({"error": err})

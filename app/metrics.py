@@ -1,0 +1,127 @@
+"""Prometheus metrics, correct with one process or several.
+
+With several workers, each process writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR`` and
+``/metrics`` (served by whichever worker gets the scrape) sums them all, so counters are never
+split per worker. prometheus_client picks its storage when it is first imported, so the variable
+must be set before that: ``bnserve-serve`` sets it (and wipes the directory) before any worker
+starts. Without it, metrics are plain in-process values.
+
+Each app gets its own metric objects (and registry), so tests can count from zero. Label values
+are few and fixed: routes are route templates (never raw paths), statuses are HTTP codes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numpy.typing import NDArray
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from app.predictor import ModelInfo
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+UNMATCHED_ROUTE = "unmatched"  # every path no route matched shares one label value
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+INFERENCE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                     0.1, 0.25)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        # no *_created series: half the output, and nothing here needs them
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.multiprocess = multiprocess_dir() is not None
+        reg = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "bnserve_requests", "HTTP requests answered, by route template and status code "
+            "(/livez, /readyz and /metrics are not counted).", ["route", "status"], registry=reg,
+        )
+        self.request_seconds = Histogram(
+            "bnserve_request_duration_seconds", "Time from request start to response sent, by "
+            "route template.", ["route"], buckets=REQUEST_BUCKETS, registry=reg,
+        )
+        self.inference_seconds = Histogram(
+            "bnserve_inference_duration_seconds", "ONNX Runtime time per request (one run per "
+            "request, whatever the batch size).", buckets=INFERENCE_BUCKETS, registry=reg,
+        )
+        self.predictions = Counter(
+            "bnserve_predictions", "Examples predicted, by predicted class.", ["class"],
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "bnserve_requests_in_flight", "Requests being handled now (all workers).",
+            multiprocess_mode="livesum", registry=reg,
+        )
+        self.model_info = Gauge(
+            "bnserve_model_info", "The model being served (value 1).",
+            ["model_version", "sha256", "format", "estimator", "folded"],
+            multiprocess_mode="livemax", registry=reg,
+        )
+        if self.multiprocess:
+            self._exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
+        else:
+            self._exposed = reg
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)
+        # Label lookups take a lock and a dict hit; the hot path reuses the children instead.
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+        self._classes: list[Counter] = []
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        key = (route, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(route, str(status))
+        child.inc()
+        hist = self._latency.get(route)
+        if hist is None:
+            hist = self._latency[route] = self.request_seconds.labels(route)
+        hist.observe(seconds)
+
+    def count_predictions(self, labels: NDArray[np.int64]) -> None:
+        if len(labels) == 1:
+            self._classes[int(labels[0])].inc()
+            return
+        for i, n in enumerate(np.bincount(labels, minlength=len(self._classes)).tolist()):
+            if n:
+                self._classes[i].inc(n)
+
+    def set_model(self, info: ModelInfo) -> None:
+        self._classes = [self.predictions.labels(name) for name in info.class_names]
+        for child in self._classes:
+            child.inc(0)  # every class shows up in /metrics from the start, at 0
+        self.model_info.labels(
+            info.model_version, info.sha256, info.metadata.get("format", ""),
+            info.metadata.get("estimator", ""), info.metadata.get("folded", ""),
+        ).set(1)
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self._exposed)
+        return data
+
+    def close(self) -> None:
+        """This process is going away: drop its samples of live gauges (in-flight, model info)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

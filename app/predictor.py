@@ -1,0 +1,246 @@
+"""The ONNX Runtime session: load a bnserve ONNX file, check its interface, warm it up, predict.
+
+No HTTP here. ``Predictor.load`` refuses (``ModelError``) any file that is missing, unreadable,
+not ONNX, or does not have the interface ``model_export`` writes:
+
+    input   features       float32 [N, n_features]
+    output  probabilities  float32 [N, n_classes]
+    output  label          int64   [N]
+    metadata format "bnserve-onnx/1", feature_names (n_features names), class_names (n_classes)
+
+``warm_up`` runs the graph once per shape family and checks what comes out (probabilities in
+[0, 1] summing to 1, label = argmax, each row alone bit-identical to the row inside a batch), so a
+model that would serve garbage never becomes ready.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+# The interface written by model_export/graph.py (not imported: serving does not need onnx).
+FORMAT = "bnserve-onnx/1"
+INPUT = "features"
+OUTPUT_PROBS = "probabilities"
+OUTPUT_LABEL = "label"
+_JSON_KEYS = ("feature_names", "class_names", "hidden", "eps", "beta_avg", "train_accuracy",
+              "val_accuracy", "n_train", "n_val", "opset")
+
+
+class ModelError(Exception):
+    """The model file cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, int64
+    shape: list[str | int]  # symbolic dimensions keep their name, e.g. ["N", 30]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": self.shape}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    sha256: str
+    size_bytes: int
+    model_version: str
+    feature_names: list[str]
+    class_names: list[str]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    metadata: dict[str, str]  # the file's metadata_props, verbatim
+    parsed: dict[str, Any]  # the same, with JSON values decoded
+    intra_op_threads: int
+    inter_op_threads: int
+    loaded_at: str = ""
+    load_seconds: float = 0.0
+    warm_up_seconds: float = 0.0
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(double)": "float64",
+               "tensor(int32)": "int32"}
+
+
+def _spec(node: Any) -> TensorSpec:
+    shape = [d if isinstance(d, int) else str(d) for d in node.shape]
+    return TensorSpec(node.name, _ORT_DTYPES.get(node.type, node.type), shape)
+
+
+def _decode(meta: dict[str, str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = dict(meta)
+    for key in _JSON_KEYS:
+        if key in meta:
+            with contextlib.suppress(ValueError):  # else keep the raw string
+                parsed[key] = json.loads(meta[key])
+    if "folded" in meta:
+        parsed["folded"] = meta["folded"] == "true"
+    return parsed
+
+
+def _names(parsed: dict[str, Any], key: str) -> list[str]:
+    value = parsed.get(key)
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, str) and v for v in value)
+    ):
+        raise ModelError(f"metadata {key!r} must be a JSON list of non-empty strings, got "
+                         f"{str(value)[:80]!r}")
+    if len(set(value)) != len(value):
+        raise ModelError(f"metadata {key!r} has duplicate names")
+    return value
+
+
+def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
+    """Everything the service relies on, or ModelError naming the first thing that is wrong."""
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"metadata format is {meta.get('format')!r}, expected {FORMAT!r} "
+                         "(a file written by bnserve-export)")
+    parsed = _decode(meta)
+    version = meta.get("model_version", "")
+    if not version:
+        raise ModelError("metadata 'model_version' is missing or empty")
+    features, classes = _names(parsed, "feature_names"), _names(parsed, "class_names")
+    if len(classes) < 2:
+        raise ModelError(f"metadata 'class_names' has {len(classes)} class; expected at least 2")
+
+    inputs = [_spec(i) for i in session.get_inputs()]
+    outputs = [_spec(o) for o in session.get_outputs()]
+    if len(inputs) != 1 or inputs[0].name != INPUT:
+        raise ModelError(f"inputs are {[i.name for i in inputs]}, expected exactly [{INPUT!r}]")
+    inp = inputs[0]
+    if inp.dtype != "float32" or len(inp.shape) != 2:
+        raise ModelError(f"input {INPUT!r} is {inp.dtype} {inp.shape}, expected float32 [N, F]")
+    if inp.shape[1] != len(features):
+        raise ModelError(f"input {INPUT!r} has {inp.shape[1]} features but metadata "
+                         f"feature_names has {len(features)}")
+    by_name = {o.name: o for o in outputs}
+    for name, dtype, rank in ((OUTPUT_PROBS, "float32", 2), (OUTPUT_LABEL, "int64", 1)):
+        out = by_name.get(name)
+        if out is None:
+            raise ModelError(f"output {name!r} is missing; outputs are {list(by_name)}")
+        if out.dtype != dtype or len(out.shape) != rank:
+            raise ModelError(f"output {name!r} is {out.dtype} of rank {len(out.shape)}, "
+                             f"expected {dtype} of rank {rank}")
+    if by_name[OUTPUT_PROBS].shape[1] != len(classes):
+        raise ModelError(f"output {OUTPUT_PROBS!r} has {by_name[OUTPUT_PROBS].shape[1]} classes "
+                         f"but metadata class_names has {len(classes)}")
+    return ModelInfo(
+        path="", sha256="", size_bytes=0, model_version=version, feature_names=features,
+        class_names=classes, inputs=inputs, outputs=outputs, metadata=dict(meta), parsed=parsed,
+        intra_op_threads=0, inter_op_threads=0,
+    )
+
+
+class Predictor:
+    def __init__(self, session: Any, info: ModelInfo) -> None:
+        self._session = session
+        self._outputs = [OUTPUT_PROBS, OUTPUT_LABEL]
+        self.info = info
+        self.n_features = len(info.feature_names)
+        self.n_classes = len(info.class_names)
+
+    @classmethod
+    def load(cls, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Predictor:
+        t0 = time.perf_counter()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ModelError(f"model file {str(path)!r} does not exist "
+                             f"(cwd {str(Path.cwd())!r})") from None
+        except OSError as e:
+            raise ModelError(f"cannot read model file {str(path)!r}: {e}") from None
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: ORT warnings would bypass our log format
+        # Spinning threads burn CPU between requests that the event loop and other workers need.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            # From the bytes just hashed, so the sha256 reported is the model that runs.
+            session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+            meta = dict(session.get_modelmeta().custom_metadata_map)
+        except Exception as e:  # ORT raises its own exception types for corrupt files
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"model file {str(path)!r} is not a loadable ONNX model: "
+                             f"{first}") from None
+        try:
+            info = _check_interface(session, meta)
+        except ModelError as e:
+            raise ModelError(f"model file {str(path)!r} has the wrong interface: {e}") from None
+        info = replace(
+            info, path=str(path), sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data),
+            intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+            loaded_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            load_seconds=time.perf_counter() - t0,
+        )
+        return cls(session, info)
+
+    def predict(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """float32 [N, n_features] -> (probabilities float32 [N, n_classes], labels int64 [N])."""
+        probs, labels = self._session.run(self._outputs, {INPUT: x})
+        return probs, labels
+
+    def warm_up(self, max_batch: int) -> None:
+        """Run every code path once and refuse a model whose outputs make no sense."""
+        try:
+            self._warm_up(max_batch)
+        except ModelError as e:
+            path = self.info.path
+            raise ModelError(f"model file {path!r} failed the warm-up check: {e}") from None
+
+    def _warm_up(self, max_batch: int) -> None:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        n = max(2, min(max_batch, 8))
+        x = np.vstack([np.zeros((1, self.n_features)), rng.normal(size=(n - 1, self.n_features))])
+        x = x.astype(np.float32)
+        probs, labels = self._checked(x)
+        for i in range(n):
+            p1, l1 = self._checked(x[i : i + 1])
+            if not (np.array_equal(p1[0], probs[i]) and l1[0] == labels[i]):
+                raise ModelError(f"row {i} gives a different answer alone than inside a batch of "
+                                 f"{n}: the graph is not in inference mode")
+        if max_batch > n:  # the largest batch a request may send: still row by row identical
+            big, big_labels = self._checked(np.resize(x, (max_batch, self.n_features)))
+            rows = np.arange(max_batch) % n
+            if not (np.array_equal(big, probs[rows]) and np.array_equal(big_labels, labels[rows])):
+                raise ModelError(f"rows give different answers inside a batch of {max_batch} "
+                                 f"than inside a batch of {n}")
+        self.info = replace(self.info, warm_up_seconds=time.perf_counter() - t0)
+
+    def _checked(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        probs, labels = self.predict(x)
+        n = len(x)
+        if probs.dtype != np.float32 or probs.shape != (n, self.n_classes):
+            raise ModelError(f"probabilities came out {probs.dtype} {probs.shape}, expected "
+                             f"float32 {(n, self.n_classes)}")
+        if labels.dtype != np.int64 or labels.shape != (n,):
+            raise ModelError(
+                f"labels came out {labels.dtype} {labels.shape}, expected int64 {(n,)}"
+            )
+        if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
+            raise ModelError("probabilities are not all finite and within [0, 1]")
+        if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
+            raise ModelError("probabilities do not sum to 1")
+        if not ((labels >= 0) & (labels < self.n_classes)).all() or not np.array_equal(
+            probs[np.arange(n), labels], probs.max(axis=1)
+        ):
+            raise ModelError("label is not the most probable class")
+        return probs, labels

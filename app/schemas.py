@@ -1,0 +1,141 @@
+"""The request and response shapes, for the OpenAPI schema (/docs) and for tests.
+
+The hot path never builds these models (it parses with orjson and checks with numpy); the tests
+validate real responses against them with ``extra="forbid"``, which keeps the docs truthful.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [
+            {"features": [14.1, 19.3, 91.9, 654.9, 0.096, 0.104, 0.089, 0.049, 0.181, 0.063,
+                          0.405, 1.217, 2.866, 40.3, 0.007, 0.025, 0.032, 0.012, 0.021, 0.004,
+                          16.3, 25.7, 107.3, 880.6, 0.132, 0.254, 0.272, 0.115, 0.29, 0.084]},
+        ]},
+    )
+    features: list[float] | dict[str, float] = Field(
+        description="One example: every feature value in the order of GET /model "
+        "`feature_names`, or an object mapping each feature name to its value (all names, no "
+        "others). Values are JSON numbers that stay finite in float32 (|x| <= 3.4028235e38): "
+        "NaN, Infinity, strings, booleans, null and nested lists are rejected with 422.",
+    )
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list[list[float] | dict[str, float]] = Field(
+        min_length=1,
+        description="1 to BNSERVE_MAX_BATCH (default 256) examples, each as in POST /predict "
+        "`features`; more get 413. No example influences another.",
+    )
+
+
+class Prediction(BaseModel):
+    model_config = _STRICT
+    class_: str = Field(alias="class", description="Predicted class name.")
+    class_index: int = Field(description="Index of the predicted class in `class_names`.")
+    probabilities: dict[str, float] = Field(
+        description="Probability of every class, by class name (float32 values)."
+    )
+    model_version: str
+
+
+class BatchPrediction(BaseModel):
+    model_config = _STRICT
+    predictions: list[Prediction] = Field(
+        description="One answer per instance, in order, each identical to POST /predict's "
+        "answer for that instance alone."
+    )
+    model_version: str
+
+
+class ErrorDetail(BaseModel):
+    model_config = _STRICT
+    message: str = Field(description="What is wrong.")
+    expected: str | None = Field(None, description="What a valid request looks like.")
+    request_id: str = Field(description="Also in the X-Request-ID header and the server logs.")
+
+
+class ErrorResponse(BaseModel):
+    model_config = _STRICT
+    error: ErrorDetail
+
+
+class Liveness(BaseModel):
+    model_config = _STRICT
+    status: Literal["alive"]
+
+
+class Readiness(BaseModel):
+    model_config = _STRICT
+    ready: bool
+    reason: str = Field(description="'ready', or why not (loading, warming up, model not "
+                        "loaded: ..., shutting down).")
+    model_version: str | None
+
+
+class TensorInfo(BaseModel):
+    model_config = _STRICT
+    name: str
+    dtype: str
+    shape: list[str | int] = Field(description="Symbolic dimensions by name, e.g. ['N', 30].")
+
+
+class TrainingInfo(BaseModel):
+    model_config = _STRICT
+    train_accuracy: float | None
+    val_accuracy: float | None
+    n_train: int | None
+    n_val: int | None
+    data_sha256: str | None
+    data_source: str | None
+
+
+class FileInfo(BaseModel):
+    model_config = _STRICT
+    path: str
+    sha256: str = Field(description="sha256 of the file's bytes, as loaded.")
+    size_bytes: int
+
+
+class RuntimeInfo(BaseModel):
+    model_config = _STRICT
+    onnxruntime: str
+    providers: list[str]
+    intra_op_threads: int
+    inter_op_threads: int
+
+
+class ModelInfo(BaseModel):
+    model_config = _STRICT
+    model_version: str
+    format: str
+    feature_names: list[str]
+    class_names: list[str]
+    n_features: int
+    n_classes: int
+    input: TensorInfo
+    outputs: list[TensorInfo]
+    estimator: str | None = Field(description="Batch-norm statistics used: ewma or population.")
+    eps: float | None
+    beta_avg: float | None
+    averaging: str | None
+    folded: bool | None = Field(description="Batch norm folded into the Gemm weights.")
+    hidden: list[int] | None
+    opset: int | None
+    training: TrainingInfo
+    file: FileInfo
+    loaded_at: str = Field(description="ISO 8601 UTC time the model finished loading.")
+    load_seconds: float
+    warm_up_seconds: float
+    runtime: RuntimeInfo
+    metadata: dict[str, str] = Field(description="The file's metadata_props, verbatim.")

@@ -1,0 +1,107 @@
+"""Every setting of the service, in one place, read from ``BNSERVE_*`` environment variables.
+
+Example: ``BNSERVE_MODEL_PATH=models/default.onnx BNSERVE_WORKERS=2 bnserve-serve``.
+An empty variable counts as unset (so ``BNSERVE_INTRA_OP_THREADS=`` means "auto").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.cpus import CpuBudget, cpu_budget
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Configuration of ``bnserve-serve``; each field is the env var ``BNSERVE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BNSERVE_", env_ignore_empty=True, extra="ignore", frozen=True,
+        protected_namespaces=(),
+    )
+
+    model_path: Path = Field(
+        default=Path("models/default.onnx"),
+        description="ONNX file written by bnserve-export (relative paths are from the cwd).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Interface to listen on; a container sets 0.0.0.0.",
+    )
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(
+        default=1, ge=1,
+        description="Worker processes sharing the port (uvicorn's supervisor restarts dead ones).",
+    )
+    intra_op_threads: int | None = Field(
+        default=None, ge=1,
+        description="ONNX Runtime intra-op threads per worker. Unset: the CPU budget (affinity "
+        "and cgroup quota) divided by workers, at least 1.",
+    )
+    inter_op_threads: int | None = Field(
+        default=None, ge=1,
+        description="ONNX Runtime inter-op threads per worker. Unset: 1, because the graph is a "
+        "chain run in sequential mode, where inter-op threads are never used.",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024, ge=64,
+        description="Largest request body accepted; larger ones get 413 before they are parsed.",
+    )
+    max_batch: int = Field(
+        default=256, ge=1,
+        description="Most instances accepted by POST /predict/batch (more get 413).",
+    )
+    log_level: LogLevel = Field(
+        default="info", description="critical, error, warning, info or debug."
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object per line; text: human-readable lines."
+    )
+    docs_enabled: bool = Field(default=True, description="Serve /docs and /openapi.json.")
+    fail_fast: bool = Field(
+        default=False,
+        description="A missing, corrupt or wrong-interface model makes the command exit non-zero "
+        "at start. False: the service runs, stays unready (/readyz 503) and logs why.",
+    )
+    keep_alive_seconds: int = Field(
+        default=5, ge=1,
+        description="Idle keep-alive connections are closed after this long. Behind a load "
+        "balancer or proxy, set it above the proxy's idle timeout, or the proxy may reuse a "
+        "connection just as it closes.",
+    )
+    shutdown_delay_seconds: float = Field(
+        default=0.0, ge=0,
+        description="After SIGTERM, keep accepting requests this long with /readyz already 503, so "
+        "load balancers stop routing here before the listener closes (Kubernetes: a few seconds).",
+    )
+    shutdown_grace_seconds: int = Field(
+        default=20, ge=1,
+        description="After the listener closes, how long in-flight requests may take to finish "
+        "before they are cancelled and the process exits.",
+    )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Directory for Prometheus multiprocess files, wiped at start. Unset: a "
+        "temporary directory when workers > 1, plain in-process metrics otherwise.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    def cpu_budget(self) -> CpuBudget:
+        return cpu_budget()
+
+    def threads(self, budget: CpuBudget | None = None) -> tuple[int, int]:
+        """(intra-op, inter-op) threads per worker, explicit settings winning over the budget."""
+        if self.intra_op_threads is not None:
+            intra = self.intra_op_threads
+        else:
+            intra = max(1, (budget or self.cpu_budget()).cpus // self.workers)
+        return intra, self.inter_op_threads or 1
