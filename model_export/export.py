@@ -144,9 +144,10 @@ def export(
 def default_version(net: Network) -> str:
     """A content hash of the parameters and statistics: the same model gets the same version."""
     h = hashlib.sha256()
-    for name in sorted({**net.params, **net.stats}):
+    arrays = {**net.params, **net.stats}
+    for name in sorted(arrays):
         h.update(name.encode())
-        h.update(np.ascontiguousarray({**net.params, **net.stats}[name]).tobytes())
+        h.update(np.ascontiguousarray(arrays[name]).tobytes())
     h.update(f"{net.eps}|{net.estimator}".encode())
     return "sha-" + h.hexdigest()[:12]
 
