@@ -144,9 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             "intra_op_threads": intra, "inter_op_threads": inter,
             "threads_from": "settings" if settings.intra_op_threads else "cpu budget",
             "max_body_bytes": settings.max_body_bytes, "max_batch": settings.max_batch,
-            "fail_fast": settings.fail_fast,
+            "fail_fast": settings.fail_fast, "batching": settings.batching,
+            "batch_max_size": settings.batch_max_size,
+            "batch_max_wait_ms": settings.batch_max_wait_ms,
         }},
     )
+    if settings.workers > budget.cpus:
+        log.warning("%d workers on a budget of %d CPU(s): they will compete for CPUs; use at most "
+                    "%d", settings.workers, budget.cpus, budget.cpus)
     created = _prepare_metrics_dir(settings)
     try:
         if settings.fail_fast and not _check_model(settings):

@@ -35,6 +35,7 @@ from app.predictor import ModelInfo
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"  # every path no route matched shares one label value
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 INFERENCE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                      0.1, 0.25)
 
@@ -60,8 +61,14 @@ class Metrics:
             "route template.", ["route"], buckets=REQUEST_BUCKETS, registry=reg,
         )
         self.inference_seconds = Histogram(
-            "bnserve_inference_duration_seconds", "ONNX Runtime time per request (one run per "
-            "request, whatever the batch size).", buckets=INFERENCE_BUCKETS, registry=reg,
+            "bnserve_inference_duration_seconds", "ONNX Runtime time per run: one run per "
+            "request, or per coalesced batch with adaptive batching on.",
+            buckets=INFERENCE_BUCKETS, registry=reg,
+        )
+        self.batch_size = Histogram(
+            "bnserve_batch_size", "Examples per ONNX Runtime run of the adaptive batcher "
+            "(POST /predict with BNSERVE_BATCHING=true).", buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
         )
         self.predictions = Counter(
             "bnserve_predictions", "Examples predicted, by predicted class.", ["class"],

@@ -3,8 +3,9 @@
 Every HTTP request passes through ``Service``. ``POST /predict`` and ``POST /predict/batch`` are
 answered right here, without FastAPI's routing, request objects or response classes: read the
 body (with the size limit), parse it with orjson, convert it with vectorised checks, one ONNX
-Runtime call, orjson out. Everything else (health, model metadata, metrics, docs, 404/405) is
-passed on to the FastAPI app, whose OpenAPI schema also documents the two fast routes.
+Runtime call (or, with adaptive batching on, a share of one: app/batching.py), orjson out.
+Everything else (health, model metadata, metrics, docs, 404/405) is passed on to the FastAPI app,
+whose OpenAPI schema also documents the two fast routes.
 
 Per request this layer adds: an ``X-Request-ID`` (the client's, if it is sane, else a new one;
 always echoed), a 413 for a Content-Length over the limit, metrics (health and metrics routes
@@ -25,6 +26,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import inputs
+from app.batching import Batcher
 from app.errors import (
     INTERNAL_ERROR_MESSAGE,
     BadInputError,
@@ -91,6 +93,11 @@ class Service:
         self.max_body = rt.settings.max_body_bytes
         self.max_batch = rt.settings.max_batch
         self.access_log = rt.access_log
+        self.batcher: Batcher | None = None  # adaptive batching of POST /predict (app/batching.py)
+        s = rt.settings
+        if s.batching:  # runs never exceed max_batch rows: the largest size warm-up checks
+            self.batcher = Batcher(self._run_batch, min(s.batch_max_size, s.max_batch),
+                                   s.batch_max_wait_ms / 1000)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan (and anything else) belongs to FastAPI
@@ -208,16 +215,28 @@ class Service:
             raise UnsupportedMediaTypeError(f"unsupported Content-Type {got}",
                                        expected="Content-Type: application/json")
         self._check_length(content_length)  # before a single byte of the body is read
-        body = await self._read_body(receive)
         batch = path == PREDICT_BATCH
-        x = inputs.parse(body, model.batch if batch else model.single)
-        t0 = perf_counter()
-        probs, labels = model.predictor.predict(x)  # one ONNX Runtime call per request
-        self.metrics.inference_seconds.observe(perf_counter() - t0)
+        x = inputs.parse(await self._read_body(receive), model.batch if batch else model.single)
+        if batch or self.batcher is None:
+            probs, labels = self._run(x)  # one ONNX Runtime call per request
+        else:  # only a parsed, valid example gets here to join a batch
+            probs, labels = await self.batcher.predict(x)
         if not np.isfinite(probs).all():  # finite inputs can still overflow inside the network
             raise _non_finite_output(probs, batch)
         self.metrics.count_predictions(labels)
         return render(model, probs, labels, batch)
+
+    def _run(self, x: inputs.F32) -> tuple[inputs.F32, Any]:
+        model = self.rt.model
+        assert model is not None  # only called once a request found the model ready
+        t0 = perf_counter()
+        probs, labels = model.predictor.predict(x)
+        self.metrics.inference_seconds.observe(perf_counter() - t0)
+        return probs, labels
+
+    def _run_batch(self, x: inputs.F32) -> tuple[inputs.F32, Any]:
+        self.metrics.batch_size.observe(len(x))
+        return self._run(x)
 
     async def _read_body(self, receive: Receive) -> bytes:
         """The whole body, counting bytes as they arrive (chunked bodies have no length)."""

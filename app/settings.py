@@ -56,6 +56,21 @@ class Settings(BaseSettings):
         default=256, ge=1,
         description="Most instances accepted by POST /predict/batch (more get 413).",
     )
+    batching: bool = Field(
+        default=False,
+        description="Adaptive batching: concurrent POST /predict requests share one ONNX Runtime "
+        "run (answers are bit-identical; a request with no company runs at once).",
+    )
+    batch_max_size: int = Field(
+        default=64, ge=1,
+        description="With batching: most examples in one run (capped at BNSERVE_MAX_BATCH, the "
+        "largest run warm-up proves row-wise identical).",
+    )
+    batch_max_wait_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="With batching: how long a request that found company may wait for more. "
+        "0: only requests ready in the same event-loop iteration join; a lone request never waits.",
+    )
     log_level: LogLevel = Field(
         default="info", description="critical, error, warning, info or debug."
     )

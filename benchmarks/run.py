@@ -1,0 +1,232 @@
+"""``make bench``: bnserve's POST /predict against the stack's ceiling, a naive wrapper and the
+floor, at concurrency 1, 16 and 64, with and without adaptive batching, 1 and 2 workers, on the
+default model and a wide one. Writes reports/bench.json and prints the tables and the targets.
+
+All servers run at once on 127.0.0.1 (idle ones cost nothing) and are measured in rounds, each
+round visiting every target in a rotated order, so drift (thermal, noisy neighbours) hits all
+alike; a cell's figures are the median over rounds. The load generator is wrk with one thread.
+bnserve runs with its defaults: one JSON access-log line per request, written to a file here;
+the ceiling and the naive wrapper log nothing (see benchmarks/servers/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import floor
+import loadgen
+import numpy as np
+import orjson
+import targets
+import wide_model
+from procs import Server
+
+from app.settings import Settings
+from model_export import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SERVERS = Path(__file__).resolve().parent / "servers"
+CONCURRENCY = (1, 16, 64)
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str  # e.g. "default/bnserve"
+    model: str  # "default" or "wide"
+    label: str
+    server: Server
+
+
+@dataclass
+class Cell:
+    key: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us: float  # server CPU (all its processes) per request
+    errors: int
+    rounds: list[dict[str, float]]
+
+
+def rows_of(ckpt: Path, n: int) -> list[bytes]:
+    _, _, x, _ = checkpoint.load(ckpt)
+    return [orjson.dumps({"features": [float(v) for v in row]}) for row in x[:n]]
+
+
+def bnserve(name: str, model: Path, log_dir: Path, workers: int = 1,
+            batching: bool = False) -> Server:
+    argv = [str(BIN / "bnserve-serve"), "--port", "{port}", "--model-path", str(model),
+            "--workers", str(workers), "--host", "127.0.0.1"]
+    env = {"BNSERVE_BATCHING": "true" if batching else "false"}
+    return Server(name, argv, env, log_dir / f"{name.replace('/', '_')}.log", workers)
+
+
+def script_server(name: str, script: str, log_dir: Path, model: Path | None = None) -> Server:
+    argv = [sys.executable, str(SERVERS / script), "--port", "{port}"]
+    if model is not None:
+        argv += ["--model", str(model)]
+    return Server(name, argv, {}, log_dir / f"{name.replace('/', '_')}.log")
+
+
+def measure_cell(wrk: str, t: Target, script: Path, c: int, seconds: int,
+                 warmup: int) -> dict[str, float]:
+    url = t.server.url + "/predict"
+    loadgen.run(wrk, url, script, c, warmup)
+    cpu0 = t.server.cpu()
+    r = loadgen.run(wrk, url, script, c, seconds)
+    cpu = t.server.cpu() - cpu0
+    return {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "cpu_us": cpu / max(r.requests, 1) * 1e6, "errors": r.errors, "requests": r.requests}
+
+
+def memory_check(wrk: str, server: Server, script: Path, total: int) -> dict[str, Any]:
+    """RSS per worker before, after a first chunk, and after ``total`` requests at c=16."""
+    before = server.rss()
+    done, after_chunks = 0, []
+    while done < total:
+        r = loadgen.run(wrk, server.url + "/predict", script, 16, 5)
+        done += r.requests
+        after_chunks.append({"requests": done, "rss_mib": server.rss(), "errors": r.errors})
+    first, last = after_chunks[0]["rss_mib"], after_chunks[-1]["rss_mib"]
+    return {"rss_ready_mib": before, "chunks": after_chunks, "requests": done,
+            "growth_after_first_chunk_mib": max(b - a for a, b in zip(first, last, strict=True))}
+
+
+def cold_starts(model: Path, log_dir: Path, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        s = bnserve(f"cold-{i}", model, log_dir)
+        s.start()
+        times.append(s.ready_seconds)
+        s.stop()
+    return times
+
+
+def machine() -> dict[str, Any]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                  if ln.startswith("Model name")), platform.processor())
+    budget = Settings().cpu_budget()
+    return {"cpu_model": model, "cpus": os.cpu_count(), "cpu_budget": budget.describe(),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=int, default=3, help="measured seconds per cell")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell")
+    p.add_argument("--memory-requests", type=int, default=200_000)
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
+    args = p.parse_args(argv)
+    for key in list(os.environ):  # the servers' settings are this script's, not the caller's
+        if key.startswith("BNSERVE_") or key == "PROMETHEUS_MULTIPROC_DIR":
+            del os.environ[key]
+    os.chdir(ROOT)
+    started = time.time()
+    wrk = loadgen.ensure_wrk()
+    default_model = ROOT / "models" / "default.onnx"
+    wide = wide_model.build(ROOT / "models")
+    work = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
+    scripts = {
+        "default": loadgen.write_script(work / "default.lua",
+                                        rows_of(ROOT / "models" / "default.ckpt", 113)),
+        "wide": loadgen.write_script(work / "wide.lua", rows_of(wide.with_suffix(".ckpt"), 100)),
+    }
+    print("floor: ONNX Runtime run() for one example, in-process", flush=True)
+    floors = {
+        "default": floor.measure(default_model, checkpoint.load(ROOT / "models/default.ckpt")[2]),
+        "wide": floor.measure(wide, checkpoint.load(wide.with_suffix(".ckpt"))[2]),
+    }
+    targets_ = [
+        Target("default/bare", "default", "bare ASGI (ceiling)",
+               script_server("bare", "bare_asgi.py", work)),
+        Target("default/naive", "default", "naive FastAPI",
+               script_server("naive", "naive_fastapi.py", work, default_model)),
+        Target("default/bnserve", "default", "bnserve",
+               bnserve("bnserve", default_model, work)),
+        Target("default/bnserve+batching", "default", "bnserve, batching",
+               bnserve("bnserve-batching", default_model, work, batching=True)),
+        Target("default/bnserve-2w", "default", "bnserve, 2 workers",
+               bnserve("bnserve-2w", default_model, work, workers=2)),
+        Target("default/bnserve-2w+batching", "default", "bnserve, 2 workers, batching",
+               bnserve("bnserve-2w-batching", default_model, work, workers=2, batching=True)),
+        Target("wide/naive", "wide", "naive FastAPI",
+               script_server("naive-wide", "naive_fastapi.py", work, wide)),
+        Target("wide/bnserve", "wide", "bnserve", bnserve("bnserve-wide", wide, work)),
+        Target("wide/bnserve+batching", "wide", "bnserve, batching",
+               bnserve("bnserve-wide-batching", wide, work, batching=True)),
+    ]
+    servers: dict[str, dict[str, Any]] = {}
+    try:
+        for t in targets_:
+            t.server.start()
+            servers[t.key] = {"ready_seconds": t.server.ready_seconds,
+                              "rss_ready_mib": t.server.rss(), "workers": t.server.workers}
+            print(f"started {t.key}: ready in {t.server.ready_seconds:.2f} s", flush=True)
+        rounds: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for r in range(args.rounds):
+            for c in CONCURRENCY:
+                shift = r % len(targets_)
+                for t in targets_[shift:] + targets_[:shift]:
+                    cell = measure_cell(wrk, t, scripts[t.model], c, args.seconds, args.warmup)
+                    rounds.setdefault((t.key, c), []).append(cell)
+                    print(f"round {r + 1}/{args.rounds} c={c:<3} {t.key:<28} "
+                          f"{cell['rps']:9.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
+                          f"p99 {cell['p99_ms']:.3f} ms  {cell['cpu_us']:.0f} us CPU/req",
+                          flush=True)
+        print(f"memory: {args.memory_requests} requests at c=16", flush=True)
+        by_key = {t.key: t for t in targets_}
+        memory = {key: memory_check(wrk, by_key[key].server, scripts["default"],
+                                    args.memory_requests)
+                  for key in ("default/bnserve", "default/bnserve+batching")}
+    finally:
+        for t in targets_:
+            t.server.stop()
+    colds = cold_starts(default_model, work, 3)
+    shutil.rmtree(work, ignore_errors=True)  # wrk scripts and server logs
+    cells = [Cell(key, c, *(statistics.median(x[f] for x in rs)
+                            for f in ("rps", "p50_ms", "p99_ms", "cpu_us")),
+                  sum(int(x["errors"]) for x in rs), rs)
+             for (key, c), rs in rounds.items()]
+    result = {
+        "machine": machine(), "settings": vars(args) | {"out": str(args.out)},
+        "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True,
+                              check=False).stdout.strip().splitlines()[0],
+        "labels": {t.key: t.label for t in targets_},
+        "floor": floors, "servers": servers, "cells": [asdict(c) for c in cells],
+        "memory": memory, "cold_start_seconds": colds,
+        "wall_seconds": time.time() - started,
+    }
+    result["targets"] = targets.check(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=_json_default))
+    print()
+    print(targets.report(result))
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

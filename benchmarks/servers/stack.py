@@ -1,0 +1,27 @@
+"""The uvicorn settings bnserve-serve uses (app/cli.py), shared by the comparison servers.
+
+The ceiling and the naive wrapper must run on the same stack as bnserve, or the ratios would
+measure uvicorn options instead of handlers: uvloop, httptools, no uvicorn access log, no Server
+header, no X-Forwarded-* parsing, one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+
+def serve(make_app: Callable[[str], Any]) -> None:
+    """``--port N [--model path.onnx]``: build the app for that model and serve it."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="")
+    args = p.parse_args()
+    uvicorn.run(
+        make_app(args.model), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
+        lifespan="on", access_log=False, server_header=False, proxy_headers=False,
+        log_level="warning", timeout_keep_alive=5,
+    )

@@ -1,0 +1,114 @@
+"""The issue's targets checked against a result, and the tables printed (markdown, for README)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+MEMORY_FLAT_MIB = 5.0  # RSS growth over the memory run still called flat (allocator noise)
+
+
+def cell(result: dict[str, Any], key: str, c: int) -> dict[str, Any]:
+    return next(x for x in result["cells"] if x["key"] == key and x["concurrency"] == c)
+
+
+def _ratio(result: dict[str, Any], key: str, base: str, c: int) -> float:
+    return float(cell(result, key, c)["rps"] / cell(result, base, c)["rps"])
+
+
+def check(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target: what it asks, what was measured, met or not."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, measured: float, limit: float, at_least: bool, unit: str = "") -> None:
+        met = measured >= limit if at_least else measured <= limit
+        out.append({"target": name, "limit": f"{'>=' if at_least else '<='} {limit:g}{unit}",
+                    "measured": round(measured, 4), "unit": unit, "met": met})
+
+    bn, bnb = "default/bnserve", "default/bnserve+batching"
+    add("c=16 req/s vs bare ASGI", _ratio(result, bn, "default/bare", 16), 0.30, True, "x")
+    add("c=16 req/s vs naive FastAPI", _ratio(result, bn, "default/naive", 16), 3.0, True, "x")
+    add("c=16 p99", cell(result, bn, 16)["p99_ms"], 6.0, False, " ms")
+    add("c=16 server CPU per request", cell(result, bn, 16)["cpu_us"], 120, False, " us")
+    add("c=1 p50", cell(result, bn, 1)["p50_ms"], 0.25, False, " ms")
+    add("c=1 p99", cell(result, bn, 1)["p99_ms"], 0.5, False, " ms")
+    add("cold start to ready (median of 3)", sorted(result["cold_start_seconds"])[1], 1.5, False,
+        " s")
+    for key, mem in result["memory"].items():
+        add(f"RSS growth over {mem['requests']} requests ({key})",
+            mem["growth_after_first_chunk_mib"], MEMORY_FLAT_MIB, False, " MiB")
+    add("batching, c=1 req/s vs unbatched", _ratio(result, bnb, bn, 1), 0.95, True, "x")
+    add("batching, c=64 req/s vs unbatched (default)", _ratio(result, bnb, bn, 64), 1.4, True,
+        "x")
+    add("batching, c=64 req/s vs unbatched (wide)",
+        _ratio(result, "wide/bnserve+batching", "wide/bnserve", 64), 2.0, True, "x")
+    for model in ("default", "wide"):
+        p99 = cell(result, f"{model}/bnserve+batching", 64)["p99_ms"]
+        add(f"batching, c=64 p99 vs unbatched ({model})",
+            p99 / cell(result, f"{model}/bnserve", 64)["p99_ms"], 2.0, False, "x")
+    return out
+
+
+def _table(result: dict[str, Any], keys: list[str], ceiling: bool) -> list[str]:
+    head = "| server | c | req/s | p50 ms | p99 ms | server CPU us/req | errors |"
+    head += " vs ceiling | vs naive |" if ceiling else " vs naive |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    labels = result["labels"]
+    for c in (1, 16, 64):
+        for key in keys:
+            x = cell(result, key, c)
+            model = key.split("/")[0]
+            row = (f"| {labels[key]} | {c} | {x['rps']:,.0f} | {x['p50_ms']:.3f} | "
+                   f"{x['p99_ms']:.3f} | {x['cpu_us']:.0f} | {x['errors']} |")
+            if ceiling:
+                row += f" {_ratio(result, key, 'default/bare', c):.2f} |"
+            row += f" {_ratio(result, key, f'{model}/naive', c):.2f} |"
+            lines.append(row)
+    return lines
+
+
+def report(result: dict[str, Any]) -> str:
+    m, f = result["machine"], result["floor"]
+    keys = [x["key"] for x in result["cells"] if x["concurrency"] == 1]
+    default = [k for k in keys if k.startswith("default/")]
+    wide = [k for k in keys if k.startswith("wide/")]
+    s = result["settings"]
+    lines = [
+        f"machine: {m['cpu_model']}, {m['cpus']} CPUs (budget {m['cpu_budget']}), Python "
+        f"{m['python']}; load generator {result['wrk']} with 1 thread on the same machine",
+        f"{s['rounds']} rounds x {s['seconds']:g} s per cell (after {s['warmup']:g} s warm-up); "
+        "figures are medians over rounds; bnserve with its default JSON access log on",
+        "",
+        "floor, ONNX Runtime run() of one example in-process: "
+        + "; ".join(f"{k} model p50 {v['p50_us']:.1f} us, p99 {v['p99_us']:.1f} us"
+                    for k, v in f.items()),
+        "",
+        "Default model (30 inputs, hidden 32, 16), one worker unless stated:",
+        "",
+        *_table(result, default, ceiling=True),
+        "",
+        "Wide model (256 inputs, hidden 1024 x 4), one worker:",
+        "",
+        *_table(result, wide, ceiling=False),
+        "",
+        "start and memory:",
+    ]
+    for key, srv in result["servers"].items():
+        rss = ", ".join(f"{r:.0f}" for r in srv["rss_ready_mib"])
+        lines.append(f"  {key}: ready {srv['ready_seconds']:.2f} s after start, RSS per worker "
+                     f"{rss} MiB")
+    lines.append("  bnserve cold starts (process start to /readyz 200): "
+                 + ", ".join(f"{t:.2f} s" for t in result["cold_start_seconds"]))
+    for key, mem in result["memory"].items():
+        first, last = mem["chunks"][0], mem["chunks"][-1]
+        lines.append(
+            f"  {key}: RSS {mem['rss_ready_mib'][0]:.1f} MiB before, {first['rss_mib'][0]:.1f} "
+            f"after {first['requests']} requests, {last['rss_mib'][0]:.1f} after "
+            f"{last['requests']} (errors {sum(c['errors'] for c in mem['chunks'])})")
+    lines += ["", "targets:"]
+    lines += [_target_line(t) for t in result["targets"]]
+    return "\n".join(lines)
+
+
+def _target_line(t: dict[str, Any]) -> str:
+    return (f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']:g}{t['unit']} "
+            f"(target {t['limit']})")
