@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                bnserve("bnserve", default_model, work)),
         Target("default/bnserve+batching", "default", "bnserve, batching",
                bnserve("bnserve-batching", default_model, work, batching=True)),
+        # The same server twice: how far two identical cells differ is this machine's noise.
+        Target("default/bnserve-control", "default", "bnserve again (noise control)",
+               bnserve("bnserve-control", default_model, work)),
         Target("default/bnserve-2w", "default", "bnserve, 2 workers",
                bnserve("bnserve-2w", default_model, work, workers=2)),
         Target("default/bnserve-2w+batching", "default", "bnserve, 2 workers, batching",

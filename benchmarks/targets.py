@@ -1,7 +1,13 @@
-"""The issue's targets checked against a result, and the tables printed (markdown, for README)."""
+"""The issue's targets checked against a result, and the tables printed (markdown, for README).
+
+Every ratio is paired: the median over rounds of (this server's req/s / the other's req/s) in the
+same round, so drift between rounds cancels. The noise control (bnserve measured twice as two
+identical servers) shows how far a ratio of 1 can stray on this machine.
+"""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 MEMORY_FLAT_MIB = 5.0  # RSS growth over the memory run still called flat (allocator noise)
@@ -11,8 +17,13 @@ def cell(result: dict[str, Any], key: str, c: int) -> dict[str, Any]:
     return next(x for x in result["cells"] if x["key"] == key and x["concurrency"] == c)
 
 
+def _ratios(result: dict[str, Any], key: str, base: str, c: int) -> list[float]:
+    pairs = zip(cell(result, key, c)["rounds"], cell(result, base, c)["rounds"], strict=True)
+    return [float(a["rps"] / b["rps"]) for a, b in pairs]
+
+
 def _ratio(result: dict[str, Any], key: str, base: str, c: int) -> float:
-    return float(cell(result, key, c)["rps"] / cell(result, base, c)["rps"])
+    return statistics.median(_ratios(result, key, base, c))
 
 
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -104,7 +115,14 @@ def report(result: dict[str, Any]) -> str:
             f"  {key}: RSS {mem['rss_ready_mib'][0]:.1f} MiB before, {first['rss_mib'][0]:.1f} "
             f"after {first['requests']} requests, {last['rss_mib'][0]:.1f} after "
             f"{last['requests']} (errors {sum(c['errors'] for c in mem['chunks'])})")
-    lines += ["", "targets:"]
+    lines += ["", "noise control, identical servers (req/s ratio per round: median, range):"]
+    for c in (1, 16, 64):
+        r = _ratios(result, "default/bnserve-control", "default/bnserve", c)
+        lines.append(f"  c={c}: {statistics.median(r):.3f} ({min(r):.3f} to {max(r):.3f})")
+    bare = cell(result, "default/bare", 1)
+    lines.append(f"  the stack alone (bare ASGI) at c=1: p50 {bare['p50_ms']:.3f} ms, "
+                 f"p99 {bare['p99_ms']:.3f} ms")
+    lines += ["", "targets (ratios are medians of per-round paired ratios):"]
     lines += [_target_line(t) for t in result["targets"]]
     return "\n".join(lines)
 
