@@ -36,10 +36,18 @@ build > "$LOG.build" 2>&1 || { tail -n 30 "$LOG.build"; fail "build failed"; }
 grep -E '^verify: |^model written' "$LOG.build" | sed 's/^/  /'
 say "built in $(( $(date +%s) - t0 )) s; image size $(( $(image_size) / 1000000 )) MB"
 
+listener() { ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2; }
+# On any failure: stop the server itself (signalling the runner alone can leave it running).
+cleanup() {
+  local p; p=$(listener)
+  [ -n "$p" ] && kill -TERM "$p" 2>/dev/null
+  kill -TERM "$runner" 2>/dev/null || true
+  wait "$runner" 2>/dev/null || true
+}
 start_ns=$(date +%s%N)
 start > "$LOG" 2>&1 &
 runner=$!
-trap 'kill -TERM $runner 2>/dev/null || true' EXIT
+trap cleanup EXIT
 until curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1; do
   kill -0 $runner 2>/dev/null || fail "the container exited before it was ready"
   [ $(( ($(date +%s%N) - start_ns) / 1000000000 )) -lt 60 ] || fail "not ready after 60 s"
@@ -52,7 +60,7 @@ answer=$(curl -fsS -X POST "http://127.0.0.1:$PORT/predict" -H 'Content-Type: ap
 echo "$answer" | python3 -c 'import json, sys; a = json.load(sys.stdin); assert a["class"] in a["probabilities"], a' || fail "bad answer: $answer"
 say "predict: $answer"
 
-pid=$(ss -ltnpH "sport = :$PORT" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2)
+pid=$(listener)
 [ -n "$pid" ] || fail "no process listens on port $PORT"
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
 [ "$uid" != 0 ] || fail "the server (pid $pid) runs as root"
