@@ -69,10 +69,15 @@ def metadata(net: Network, meta: dict[str, Any], model_version: str) -> dict[str
     }
 
 
-def run_onnx(model_bytes: bytes, x: NDArray[np.float32]) -> tuple[Array, NDArray[np.int64]]:
+def session(model_bytes: bytes) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1  # deterministic and cheap: one thread is plenty here
-    sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(
+    sess: ort.InferenceSession, x: NDArray[np.float32]
+) -> tuple[Array, NDArray[np.int64]]:
     probs, labels = sess.run([graph.OUTPUT_PROBS, graph.OUTPUT_LABEL], {graph.INPUT: x})
     return np.asarray(probs), np.asarray(labels)
 
@@ -106,7 +111,8 @@ def export(
 
     model_bytes = model.SerializeToString()
     x32 = verify_x.astype(np.float32)
-    probs, labels = run_onnx(model_bytes, x32)
+    sess = session(model_bytes)
+    probs, labels = run_onnx(sess, x32)
     # The reference sees exactly the float32 inputs the graph sees, computed in float64.
     ref = mlp.forward_infer(net, x32.astype(np.float64))
     diff = float(np.abs(probs - ref).max())
@@ -119,7 +125,7 @@ def export(
         log,
     )
 
-    other_probs, other_labels = run_onnx(other.SerializeToString(), x32)
+    other_probs, other_labels = run_onnx(session(other.SerializeToString()), x32)
     diff = float(np.abs(probs - other_probs).max())
     _check(
         diff <= TOL and bool((labels == other_labels).all()),
@@ -128,7 +134,7 @@ def export(
         log,
     )
 
-    alone = [run_onnx(model_bytes, x32[i : i + 1]) for i in range(len(x32))]
+    alone = [run_onnx(sess, x32[i : i + 1]) for i in range(len(x32))]  # one session, row by row
     alone_probs = np.concatenate([a[0] for a in alone])
     alone_labels = np.concatenate([a[1] for a in alone])
     n_diff = int((alone_probs != probs).any(axis=1).sum() + (alone_labels != labels).sum())
