@@ -87,9 +87,11 @@ def _serve(settings: Settings) -> int:
     import uvicorn  # noqa: PLC0415 - after the environment is prepared
     from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
 
+    from app.protocol import PROTOCOL  # noqa: PLC0415
+
     config = uvicorn.Config(
         APP_FACTORY, factory=True, host=settings.host, port=settings.port,
-        workers=settings.workers, loop="uvloop", http="httptools", lifespan="on",
+        workers=settings.workers, loop="uvloop", http=PROTOCOL, lifespan="on",
         log_config=logs.config_dict(settings.log_level, settings.log_format),
         log_level=settings.log_level, access_log=False, server_header=False,
         proxy_headers=False,  # nothing here uses the client address: skip X-Forwarded-* parsing

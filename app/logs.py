@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import orjson
 
 ACCESS_LOGGER = "bnserve.access"
+_MAX_CACHED = 256  # (method, path, status) combinations whose JSON the access log keeps
 APP_LOGGER = "bnserve"
 
 
@@ -75,6 +76,7 @@ class AccessLog:
         self._pending: list[str] = []
         self._second = -1
         self._prefix = ""
+        self._middles: dict[tuple[str, str, int], tuple[str, str]] = {}
 
     def log(self, request_id: str, method: str, path: str, status: int, seconds: float) -> None:
         now = time.time()
@@ -85,11 +87,17 @@ class AccessLog:
         ts = f"{self._prefix}.{int((now - second) * 1000):03d}Z"
         ms = round(seconds * 1000, 3)
         if self.json:
-            line = orjson.dumps({
-                "ts": ts, "level": "info", "logger": ACCESS_LOGGER, "pid": self._pid,
-                "msg": f"{method} {path} {status}", "request_id": request_id, "method": method,
-                "path": path, "status": status, "latency_ms": ms,
-            }).decode()
+            # The same object orjson would write for the dict, from a cached middle part: the
+            # request id is visible ASCII (checked in app/service.py) and needs escaping only
+            # for '"' and '\\'.
+            middle = self._middles.get((method, path, status))
+            if middle is None:
+                middle = self._middle(method, path, status)
+            rid = orjson.dumps(request_id).decode() if (
+                '"' in request_id or "\\" in request_id) else f'"{request_id}"'
+            line = (f'{{"ts":"{ts}","level":"info","logger":"{ACCESS_LOGGER}",'
+                    f'"pid":{self._pid},{middle[0]},"request_id":{rid},{middle[1]},'
+                    f'"latency_ms":{ms!r}}}')
         else:
             if not path.isprintable():  # ASGI paths are percent-decoded: keep one line per request
                 path = orjson.dumps(path).decode()
@@ -101,6 +109,14 @@ class AccessLog:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no event loop in this thread
                 self.flush()
+
+    def _middle(self, method: str, path: str, status: int) -> tuple[str, str]:
+        """The JSON members that depend only on method, path and status (cached for routes)."""
+        msg = orjson.dumps({"msg": f"{method} {path} {status}"}).decode()[1:-1]
+        rest = orjson.dumps({"method": method, "path": path, "status": status}).decode()[1:-1]
+        if len(self._middles) < _MAX_CACHED:  # raw paths are unbounded: cache a few only
+            self._middles[(method, path, status)] = (msg, rest)
+        return msg, rest
 
     def flush(self) -> None:
         if not self._pending:

@@ -15,13 +15,14 @@ unexpected, whose traceback is logged.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import re
 from time import perf_counter
 from typing import Any
 
-import numpy as np
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,9 +58,12 @@ class _ClientGoneError(Exception):
     pass
 
 
-def _non_finite_output(probs: Any, batch: bool) -> BadInputError:
-    row = int(np.flatnonzero(~np.isfinite(probs).all(axis=1))[0])
-    where = f"instances[{row}]: " if batch else ""
+def _non_finite_output(rows: list[list[float]], batch: bool) -> BadInputError | None:
+    """None if every probability is finite: else the error naming the first bad row."""
+    i = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), None)
+    if i is None:
+        return None
+    where = f"instances[{i}]: " if batch else ""
     return BadInputError(
         f"{where}these feature values make the model's output overflow (NaN): they are far "
         "outside the range it was trained on",
@@ -71,14 +75,13 @@ def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-def render(model: Model, probs: Any, labels: Any, batch: bool) -> bytes:
+def render(model: Model, rows: list[list[float]], labels: list[int], batch: bool) -> bytes:
     """The answer for each row: the same object whether it came alone or in a batch."""
     names, version = model.class_names, model.version
     answers = [
         {"class": names[k], "class_index": k, "probabilities": dict(zip(names, p, strict=True)),
          "model_version": version}
-        # .tolist(): exact float32 values as Python floats, so JSON output is deterministic
-        for p, k in zip(probs.tolist(), labels.tolist(), strict=True)
+        for p, k in zip(rows, labels, strict=True)
     ]
     if batch:
         return orjson.dumps({"predictions": answers, "model_version": version})
@@ -93,6 +96,8 @@ class Service:
         self.max_body = rt.settings.max_body_bytes
         self.max_batch = rt.settings.max_batch
         self.access_log = rt.access_log
+        # New request ids: a random prefix per process and a counter, unique without a syscall
+        self._id_prefix, self._ids = os.urandom(4).hex().encode(), itertools.count()
         self.batcher: Batcher | None = None  # adaptive batching of POST /predict (app/batching.py)
         s = rt.settings
         if s.batching:  # runs never exceed max_batch rows: the largest size warm-up checks
@@ -113,7 +118,7 @@ class Service:
             elif key == b"content-length":
                 content_length = value
         if request_id is None or not _REQUEST_ID_OK.fullmatch(request_id):
-            request_id = os.urandom(8).hex().encode()
+            request_id = b"%s%08x" % (self._id_prefix, next(self._ids))
         rid = request_id.decode()
         scope[REQUEST_ID_KEY] = rid
         path: str = scope["path"]
@@ -221,10 +226,13 @@ class Service:
             probs, labels = self._run(x)  # one ONNX Runtime call per request
         else:  # only a parsed, valid example gets here to join a batch
             probs, labels = await self.batcher.predict(x)
-        if not np.isfinite(probs).all():  # finite inputs can still overflow inside the network
-            raise _non_finite_output(probs, batch)
+        # .tolist(): exact float32 values as Python floats, so JSON output is deterministic
+        rows: list[list[float]] = probs.tolist()
+        bad = _non_finite_output(rows, batch)  # finite inputs can still overflow in the network
+        if bad is not None:
+            raise bad
         self.metrics.count_predictions(labels)
-        return render(model, probs, labels, batch)
+        return render(model, rows, labels.tolist(), batch)
 
     def _run(self, x: inputs.F32) -> tuple[inputs.F32, Any]:
         model = self.rt.model

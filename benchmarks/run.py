@@ -75,10 +75,13 @@ def bnserve(name: str, model: Path, log_dir: Path, workers: int = 1,
     return Server(name, argv, env, log_dir / f"{name.replace('/', '_')}.log", workers)
 
 
-def script_server(name: str, script: str, log_dir: Path, model: Path | None = None) -> Server:
+def script_server(name: str, script: str, log_dir: Path, model: Path | None = None,
+                  stock_http: bool = False) -> Server:
     argv = [sys.executable, str(SERVERS / script), "--port", "{port}"]
     if model is not None:
         argv += ["--model", str(model)]
+    if stock_http:
+        argv.append("--stock-http")
     return Server(name, argv, {}, log_dir / f"{name.replace('/', '_')}.log")
 
 
@@ -156,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     targets_ = [
         Target("default/bare", "default", "bare ASGI (ceiling)",
                script_server("bare", "bare_asgi.py", work)),
+        # The same app on uvicorn's own protocol: what bnserve's write coalescing adds.
+        Target("default/bare-stock", "default", "bare ASGI, uvicorn's stock protocol",
+               script_server("bare-stock", "bare_asgi.py", work, stock_http=True)),
         Target("default/naive", "default", "naive FastAPI",
                script_server("naive", "naive_fastapi.py", work, default_model)),
         Target("default/bnserve", "default", "bnserve",

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -223,6 +224,27 @@ def test_text_log_format_keeps_one_line_per_request() -> None:
     [line] = sink.getvalue().splitlines()
     assert line.endswith('bnserve.access GET "/a b\\nfake line" 404 request_id=r-1 '
                          "latency_ms=1.2")
+
+
+def test_json_access_lines_are_the_objects_orjson_writes_escapes_included() -> None:
+    sink = io.StringIO()
+    log = AccessLog("info", "json", stream=sink)
+    cases = [("r-1", "POST", "/predict", 200, 0.000_499), ('q"x\\y', "GET", '/a b\n"c', 404, 1.5),
+             *[(f"r{i}", "GET", f"/p{i}", 404, 0.001) for i in range(300)]]  # past the cache
+    for rid, method, path, status, seconds in cases:
+        log.log(rid, method, path, status, seconds)
+    log.flush()
+    lines = sink.getvalue().splitlines()
+    assert len(lines) == len(cases)
+    for line, (rid, method, path, status, seconds) in zip(lines, cases, strict=True):
+        doc = json.loads(line)
+        assert list(doc) == ["ts", "level", "logger", "pid", "msg", "request_id", "method",
+                             "path", "status", "latency_ms"]
+        assert doc | {"ts": None} == {
+            "ts": None, "level": "info", "logger": "bnserve.access", "pid": os.getpid(),
+            "msg": f"{method} {path} {status}", "request_id": rid, "method": method,
+            "path": path, "status": status, "latency_ms": round(seconds * 1000, 3)}
+    assert len(log._middles) <= 256
 
 
 def test_formatters_write_fields_and_tracebacks() -> None:
