@@ -112,5 +112,7 @@ class Protocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # flow control keeps the real transport
-        held = _HeldWrites(transport, self.tasks, flusher(self.loop))
-        self.transport = held  # type: ignore[assignment]
+        in_flight = getattr(self, "tasks", None)  # uvicorn's set of running request tasks
+        if in_flight is None:  # a uvicorn without it: plain writes, as uvicorn does them
+            return
+        self.transport = _HeldWrites(transport, in_flight, flusher(self.loop))  # type: ignore[assignment]

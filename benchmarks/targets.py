@@ -52,11 +52,29 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
         "x")
     add("batching, c=64 req/s vs unbatched (wide)",
         _ratio(result, "wide/bnserve+batching", "wide/bnserve", 64), 2.0, True, "x")
+    out[-1]["bound"] = batching_bound(result, 1.4)
     for model in ("default", "wide"):
         p99 = cell(result, f"{model}/bnserve+batching", 64)["p99_ms"]
         add(f"batching, c=64 p99 vs unbatched ({model})",
             p99 / cell(result, f"{model}/bnserve", 64)["p99_ms"], 2.0, False, "x")
     return out
+
+
+def batching_bound(result: dict[str, Any], target: float) -> dict[str, float]:
+    """How much batching can gain on the default model at c=64, from this run's own figures.
+
+    Batching removes inference cost, nothing else: a request costs ``cpu`` us of server CPU
+    unbatched, of which one ONNX Runtime run is ``s1`` us; in a run of 64 rows that share is
+    ``s64``. So the gain is at most cpu / (cpu - s1 + s64), and ``target`` needs the rest of a
+    request (HTTP, JSON, checks, logs, metrics) to cost at most (s1 - target * s64) /
+    (target - 1) us, which is compared with what the bare ASGI app alone costs."""
+    floor = result["floor"]["default"]
+    s1, s64 = floor["p50_us"], floor["batch64_per_row_us"]
+    cpu = cell(result, "default/bnserve", 64)["cpu_us"]
+    return {"inference_us": s1, "inference_us_per_row_in_64": s64, "request_cpu_us": cpu,
+            "max_gain": cpu / (cpu - s1 + s64),
+            "rest_budget_us": (s1 - target * s64) / (target - 1),
+            "bare_asgi_cpu_us": cell(result, "default/bare", 64)["cpu_us"]}
 
 
 def _table(result: dict[str, Any], keys: list[str], ceiling: bool) -> list[str]:
@@ -124,6 +142,16 @@ def report(result: dict[str, Any]) -> str:
                  f"p99 {bare['p99_ms']:.3f} ms")
     lines += ["", "targets (ratios are medians of per-round paired ratios):"]
     lines += [_target_line(t) for t in result["targets"]]
+    b = next(t["bound"] for t in result["targets"] if "bound" in t)
+    lines += [
+        "",
+        f"batching bound, default model, c=64: one inference is {b['inference_us']:.1f} us of "
+        f"the {b['request_cpu_us']:.0f} us of server CPU a request costs unbatched "
+        f"({b['inference_us_per_row_in_64']:.2f} us per row in a run of 64), so batching can "
+        f"gain at most {b['max_gain']:.2f}x; 1.4x would need the rest of a request to cost at "
+        f"most {b['rest_budget_us']:.1f} us, and the bare ASGI app alone costs "
+        f"{b['bare_asgi_cpu_us']:.0f} us",
+    ]
     return "\n".join(lines)
 
 
