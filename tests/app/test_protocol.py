@@ -141,7 +141,9 @@ def read_exactly(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+def read_answer(sock: socket.socket, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One answer, read to its last byte and not beyond (pipelined answers follow it); an answer
+    to HEAD has a Content-Length but no body (``head_only``)."""
     buf = b""
     while not buf.endswith(b"\r\n\r\n"):
         chunk = sock.recv(1)
@@ -150,7 +152,7 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         buf += chunk
     status_line, *lines = buf.decode().strip().split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    body = read_exactly(sock, int(headers.get("content-length", "0")))
+    body = b"" if head_only else read_exactly(sock, int(headers.get("content-length", "0")))
     return int(status_line.split()[1]), headers, body
 
 
@@ -176,7 +178,7 @@ def test_answers_with_a_request_in_flight_are_whole_ordered_and_closed_right(
 
         # a head-only answer (HEAD on a GET route: 405 with its Content-Length, no body)
         fast.sendall(b"HEAD /livez HTTP/1.1\r\nHost: t\r\nX-Request-ID: head\r\n\r\n")
-        status, headers, _ = read_answer_head_only(fast)
+        status, headers, _ = read_answer(fast, head_only=True)
         assert (status, headers["x-request-id"]) == (405, "head")
 
         # Expect: 100-continue: the interim answer arrives before the body is sent
@@ -197,15 +199,3 @@ def test_answers_with_a_request_in_flight_are_whole_ordered_and_closed_right(
         assert (status, headers["x-request-id"], body) == (200, "slow", answers[0][2])
     assert server.terminate() == 0
 
-
-def read_answer_head_only(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """An answer to HEAD: headers (with the Content-Length a GET would have), never a body."""
-    buf = b""
-    while not buf.endswith(b"\r\n\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed mid-head: {buf!r}")
-        buf += chunk
-    status_line, *lines = buf.decode().strip().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    return int(status_line.split()[1]), headers, b""
