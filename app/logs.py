@@ -23,8 +23,8 @@ from typing import Any, TextIO
 import orjson
 
 ACCESS_LOGGER = "bnserve.access"
-_MAX_CACHED = 256  # (method, path, status) combinations whose JSON the access log keeps
 APP_LOGGER = "bnserve"
+_MAX_CACHED = 256  # (method, path, status) combinations whose JSON the access log keeps
 
 
 def _timestamp(record: logging.LogRecord) -> str:
