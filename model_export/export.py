@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from model_export import checkpoint, graph, mlp
+from model_export import checkpoint, graph, mlp, onnx_import, onnx_verify
 from model_export.batchnorm import Array
 from model_export.mlp import Network
 from model_export.train import DEFAULT_CHECKPOINT
@@ -171,21 +171,67 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _names_arg(text: str | None, file: Path | None) -> list[str] | None:
+    if file is not None:
+        return [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    return None if text is None else [n.strip() for n in text.split(",")]
+
+
+def _import(args: argparse.Namespace) -> int:
+    """``--from-onnx``: fold, verify and label any ONNX model (model_export/onnx_import.py)."""
+    try:
+        samples = None if args.samples is None else np.load(args.samples, allow_pickle=False)
+        opts = onnx_import.Options(
+            output_kind=args.output_kind,
+            class_names=_names_arg(args.classes, args.classes_file),
+            feature_names=_names_arg(args.features, None),
+            output=args.output, samples=samples, model_version=args.model_version,
+        )
+        result = onnx_import.import_model(args.from_onnx, opts)
+    except (onnx_import.RefusedError, onnx_verify.VerificationError, OSError, ValueError) as e:
+        print(f"bnserve-export: error: {e}", file=sys.stderr)
+        print("bnserve-export: nothing written", file=sys.stderr)
+        return 2
+    out = args.out or DEFAULT_MODEL.parent / f"{args.from_onnx.stem}-bnserve.onnx"
+    write_atomic(out, result.model_bytes)
+    print(f"folded in {result.fold_seconds:.2f} s")
+    print(f"model written: {out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="bnserve-export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                        help="a bnserve-train checkpoint (default: %(default)s)")
+    source.add_argument("--from-onnx", type=Path, metavar="MODEL.onnx",
+                        help="any ONNX model with batch norm (opset >= 9), e.g. from "
+                        "torch.onnx.export or tf2onnx: fold, verify and label it")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"default: {DEFAULT_MODEL}; with --from-onnx models/<name>-bnserve.onnx")
     p.add_argument(
         "--keep-batchnorm",
         action="store_true",
         help="explicit BatchNormalization nodes instead of folding them into Gemm",
     )
     p.add_argument("--model-version", default=None, help="default: a hash of the parameters")
+    imp = p.add_argument_group("--from-onnx options")
+    imp.add_argument("--output-kind", choices=onnx_import.OUTPUT_KINDS, default="logits",
+                     help="logits: add Softmax and ArgMax; probabilities: add ArgMax; values: "
+                     "serve the output as it is (default: %(default)s)")
+    imp.add_argument("--classes", help="class names, comma-separated (default class_0, ...)")
+    imp.add_argument("--classes-file", type=Path, help="class names, one per line")
+    imp.add_argument("--features", help="feature names of a 1-D input, comma-separated")
+    imp.add_argument("--output", help="the graph output to serve, if the model has several")
+    imp.add_argument("--samples", type=Path, metavar="FILE.npy",
+                     help="inputs to verify on, [n, *input shape] (default: 8 generated)")
     args = p.parse_args(argv)
+    if args.from_onnx is not None:
+        return _import(args)
     try:
         net, meta, verify_x, _ = checkpoint.load(args.checkpoint)
         result = export(
@@ -194,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except (checkpoint.CheckpointError, VerificationError, onnx.checker.ValidationError) as e:
         print(f"bnserve-export: error: {e}", file=sys.stderr)
         return 2
-    write_atomic(args.out, result.model_bytes)
-    print(f"model written: {args.out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
+    out = args.out or DEFAULT_MODEL
+    write_atomic(out, result.model_bytes)
+    print(f"model written: {out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
     return 0
 
 

@@ -1,0 +1,188 @@
+"""The checks an imported model passes before a byte of it is written.
+
+The reference is the user's original file, untouched, run by ONNX Runtime with every graph
+optimisation off (so ORT's own Conv+BN fusion does not stand in for the thing being checked),
+at the batch size the file allows. Against it:
+
+1. the folded graph (as the service runs it, optimisations on) on every sample;
+2. the final file: ``onnx.checker`` (full), its outputs (softmax of the reference for ``logits``,
+   the reference itself for ``probabilities`` and ``values``; labels equal wherever the
+   reference's top two classes are further apart than the tolerance), the same file run by
+   ``onnx.reference`` on the first samples, and each sample alone equal to the same sample
+   inside the batch, bit for bit.
+
+Tolerance, absolute: ``1e-4 * max(1, max |reference output|)``. Folding reorders float32
+arithmetic (the scale is multiplied into the weights before the sums instead of after), so a
+deep network accumulates differences of a few float32 ulps per layer, about 1e-6 relative; a
+wrong fold moves outputs by the size of a batch-norm shift, orders of magnitude more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx.reference import ReferenceEvaluator
+
+from model_export import graph as bnserve_graph
+from model_export.onnx_fold import RefusedError
+
+if TYPE_CHECKING:
+    from model_export.onnx_import import Interface
+
+RTOL = 1e-4
+N_GENERATED = 8
+N_REFERENCE_EVALUATOR = 2  # onnx.reference is plain numpy: a few samples keep it quick
+F32 = NDArray[np.float32]
+
+
+class VerificationError(RuntimeError):
+    """The folded model does not compute what the original computes; nothing was written."""
+
+
+def samples(given: NDArray[Any] | None, shape: tuple[int, ...]) -> F32:
+    """``--samples`` as float32 [n, *shape], or N_GENERATED standard-normal ones (seed 0)."""
+    if given is None:
+        return np.random.default_rng(0).normal(size=(N_GENERATED, *shape)).astype(np.float32)
+    x = np.asarray(given, dtype=np.float32)
+    if x.shape == shape:
+        x = x[None]
+    if x.shape[1:] != shape or len(x) == 0:
+        raise RefusedError(f"--samples holds an array of shape {list(x.shape)}; expected "
+                           f"[n, {', '.join(map(str, shape))}] for this model's input")
+    if not np.isfinite(x).all():
+        raise RefusedError("--samples holds NaN or infinite values")
+    return x
+
+
+def session(model: onnx.ModelProto, optimize: bool) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_original(model: onnx.ModelProto, iface: Interface, x: F32) -> NDArray[np.float64]:
+    """The original file's chosen output for every sample, in float64."""
+    try:
+        sess = session(model, optimize=False)
+        step = iface.fixed_batch or len(x)
+        outs = []
+        for start in range(0, len(x), step):
+            chunk = x[start : start + step]
+            padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]),
+                                                     np.float32)])
+            out = sess.run([iface.output_name], {iface.input_name: padded})[0]
+            outs.append(np.asarray(out)[: len(chunk)])
+    except Exception as e:  # ORT's own exception types
+        raise RefusedError(
+            f"ONNX Runtime cannot run the original model: {_first_line(e)}") from None
+    return np.concatenate(outs).astype(np.float64)
+
+
+def tolerance(reference: NDArray[np.float64]) -> float:
+    return RTOL * max(1.0, float(np.abs(reference).max()))
+
+
+def _check(ok: bool, line: str, log: Callable[[str], None]) -> str:
+    line = f"verify: {line} ... {'ok' if ok else 'FAILED'}"
+    log(line)
+    if not ok:
+        raise VerificationError(line)
+    return line
+
+
+def _run_batch(sess: ort.InferenceSession, x: F32, what: str) -> list[NDArray[Any]]:
+    try:
+        return [np.asarray(o) for o in sess.run(None, {bnserve_graph.INPUT: x})]
+    except Exception as e:
+        raise RefusedError(
+            f"the {what} graph does not run on a batch of {len(x)} examples: {_first_line(e)}. "
+            "The file probably fixes the batch size inside the graph (a Reshape, Expand or "
+            "Tile with a constant batch); export it with a dynamic batch dimension, e.g. "
+            "torch.onnx.export(..., dynamic_axes={'input': {0: 'N'}, 'output': {0: 'N'}})"
+        ) from None
+
+
+def check_folded(
+    folded: onnx.ModelProto, reference: NDArray[np.float64], x: F32, log: Callable[[str], None]
+) -> list[str]:
+    (out,) = _run_batch(session(folded, optimize=True), x, "folded")
+    tol = tolerance(reference)
+    ok_shape = out.shape == reference.shape
+    diff = float(np.abs(out - reference).max()) if ok_shape else float("inf")
+    return [_check(
+        ok_shape and diff <= tol,
+        f"folded graph vs the original file in ONNX Runtime (graph optimisations off) on "
+        f"{len(x)} samples: max |d| {diff:.2e} (tol {tol:.1e} = {RTOL:g} x max(1, max |output| "
+        f"{float(np.abs(reference).max()):.3g}))",
+        log,
+    )]
+
+
+def _softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p: NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return p
+
+
+def check_final(
+    final: onnx.ModelProto, reference: NDArray[np.float64], kind: str, x: F32,
+    log: Callable[[str], None],
+) -> list[str]:
+    lines = []
+    try:
+        onnx.checker.check_model(final, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise VerificationError(
+            f"onnx.checker rejects the folded model: {_first_line(e)}") from None
+    opset = max(o.version for o in final.opset_import if o.domain in ("", "ai.onnx"))
+    lines.append(_check(True, f"onnx.checker full_check (opset {opset}, IR {final.ir_version})",
+                        log))
+    sess = session(final, optimize=True)
+    outs = _run_batch(sess, x, "final")
+    tol = tolerance(reference)
+    if kind == "values":
+        expected = [reference]
+        what = "values"
+    else:
+        flat = reference.reshape(len(reference), -1)
+        probs = _softmax(flat) if kind == "logits" else flat
+        expected = [probs]
+        what = "probabilities" + (" (softmax of the reference)" if kind == "logits" else "")
+    diff = float(np.abs(outs[0] - expected[0]).max())
+    lines.append(_check(diff <= tol, f"final {what} vs the original on {len(x)} samples: max "
+                        f"|d| {diff:.2e} (tol {tol:.1e})", log))
+    if kind != "values":
+        top2 = np.sort(expected[0], axis=1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+        same = outs[1] == expected[0].argmax(axis=1)
+        lines.append(_check(bool(same[clear].all()),
+                            f"labels equal the original's argmax: {int(same[clear].sum())}/"
+                            f"{int(clear.sum())} (ties within the tolerance excluded)", log))
+    n_ref = min(N_REFERENCE_EVALUATOR, len(x))
+    ref_outs = ReferenceEvaluator(final).run(None, {bnserve_graph.INPUT: x[:n_ref]})
+    diff = max(float(np.abs(np.asarray(r, dtype=np.float64) - o[:n_ref]).max())
+               for r, o in zip(ref_outs, outs, strict=True))
+    lines.append(_check(diff <= tol, f"onnx.reference vs ONNX Runtime on the final file, "
+                        f"{n_ref} samples: max |d| {diff:.2e} (tol {tol:.1e})", log))
+    alone = [_run_batch(sess, x[i : i + 1], "final") for i in range(len(x))]
+    n_diff = sum(
+        int(not all(np.array_equal(a[0], o[i]) for a, o in zip(one, outs, strict=True)))
+        for i, one in enumerate(alone)
+    )
+    lines.append(_check(n_diff == 0, f"each of {len(x)} samples alone vs inside the batch: "
+                        f"{n_diff} differ (bitwise)", log))
+    return lines
