@@ -138,6 +138,39 @@ def _softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
     return p
 
 
+def _reference_gap(model: onnx.ModelProto) -> str | None:
+    """Why onnx.reference cannot be trusted on this graph, if it cannot."""
+    for node in model.graph.node:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "ConvTranspose" and group > 1:
+            return (f"onnx.reference {onnx.__version__} computes a grouped ConvTranspose wrongly "
+                    "(it splits the weight by output instead of input channels)")
+    return None
+
+
+def _check_reference_evaluator(
+    final: onnx.ModelProto, x: F32, outs: list[NDArray[Any]], tol: float,
+    log: Callable[[str], None],
+) -> str:
+    """The final file run by onnx.reference agrees with ONNX Runtime, where onnx.reference can
+    run it; where it cannot, the line says so (and the other checks stand)."""
+    n_ref = min(N_REFERENCE_EVALUATOR, len(x))
+    gap = _reference_gap(final)
+    if gap is None:
+        try:
+            ref_outs = ReferenceEvaluator(final).run(None, {bnserve_graph.INPUT: x[:n_ref]})
+        except Exception as e:  # its own gaps: an operator or attribute it does not implement
+            gap = f"onnx.reference failed: {type(e).__name__}: {_first_line(e)}"
+    if gap is not None:
+        line = f"verify: onnx.reference vs ONNX Runtime on the final file ... not run: {gap}"
+        log(line)
+        return line
+    diff = max(float(np.abs(np.asarray(r, dtype=np.float64) - o[:n_ref]).max())
+               for r, o in zip(ref_outs, outs, strict=True))
+    return _check(diff <= tol, f"onnx.reference vs ONNX Runtime on the final file, {n_ref} "
+                  f"samples: max |d| {diff:.2e} (tol {tol:.1e})", log)
+
+
 def check_final(
     final: onnx.ModelProto, reference: NDArray[np.float64], kind: str, x: F32,
     log: Callable[[str], None],
@@ -172,12 +205,7 @@ def check_final(
         lines.append(_check(bool(same[clear].all()),
                             f"labels equal the original's argmax: {int(same[clear].sum())}/"
                             f"{int(clear.sum())} (ties within the tolerance excluded)", log))
-    n_ref = min(N_REFERENCE_EVALUATOR, len(x))
-    ref_outs = ReferenceEvaluator(final).run(None, {bnserve_graph.INPUT: x[:n_ref]})
-    diff = max(float(np.abs(np.asarray(r, dtype=np.float64) - o[:n_ref]).max())
-               for r, o in zip(ref_outs, outs, strict=True))
-    lines.append(_check(diff <= tol, f"onnx.reference vs ONNX Runtime on the final file, "
-                        f"{n_ref} samples: max |d| {diff:.2e} (tol {tol:.1e})", log))
+    lines.append(_check_reference_evaluator(final, x, outs, tol, log))
     alone = [_run_batch(sess, x[i : i + 1], "final") for i in range(len(x))]
     n_diff = sum(
         int(not all(np.array_equal(a[0], o[i]) for a, o in zip(one, outs, strict=True)))
