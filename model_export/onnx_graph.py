@@ -136,7 +136,8 @@ class Graph:
         index = next(i for i, n in enumerate(self.g.node) if n is after)
         self.g.node.insert(index + 1, node)  # protobuf stores a copy: return the stored one
         self._names.update(outputs)
-        return self.g.node[index + 1]
+        stored: onnx.NodeProto = self.g.node[index + 1]
+        return stored
 
     def remove_node(self, node: onnx.NodeProto) -> None:
         index = next(i for i, n in enumerate(self.g.node) if n is node)
