@@ -234,3 +234,22 @@ def test_a_weight_shared_with_another_node_is_not_changed(tmp_path: Path) -> Non
     x = RNG.normal(size=(3, 3, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(out.read_bytes(), x, name="features")[0],
                                _run(model, x)[0], atol=1e-4)
+
+
+def test_statistics_read_through_identity_of_a_shared_constant_fold(tmp_path: Path) -> None:
+    """PyTorch's TorchScript exporter keeps one initializer for equal parameters (an untouched
+    BN's weight and running_var are both ones) and reads the other through Identity."""
+    model = mlp()
+    g = model.graph
+    ones = next(t for t in g.initializer if t.name == "bn1.scale")
+    ones.CopyFrom(_t("bn1.scale", np.ones(8)))
+    g.node.insert(0, helper.make_node("Identity", ["bn1.scale"], ["bn1.var.copy"], name="id"))
+    bn1 = next(n for n in g.node if n.name == "bn1")
+    bn1.input[4] = "bn1.var.copy"
+    status, out = _export(tmp_path, model, "--output-kind", "values")
+    assert status == 0
+    report = json.loads(_props(out)["fold_report"])
+    assert report["folded"] == 2
+    x = RNG.normal(size=(5, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out.read_bytes(), x, name="features")[0], _run(model, x)[0],
+                               atol=1e-4)
