@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 from numpy.typing import NDArray
+from onnx import helper
 
 from model_export import folding
 from model_export.batchnorm import Array
@@ -136,7 +137,7 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldReport:
     """Fold the batch norms of ``model`` in place; returns what was done."""
     graph = Graph(model)
     norms = check(graph)
-    ranks = _ranks(model)
+    ranks, dtypes = _shapes(model)
     report = FoldReport(batchnorms=len(norms), nodes_before=len(model.graph.node))
     for norm in norms:
         rank = ranks.get(norm.node.input[0])
@@ -144,25 +145,29 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldReport:
         if into is not None:
             report.into[into] += 1
             continue
+        dtype = dtypes.get(norm.node.input[0], norm.dtype)  # X's, which may differ from gamma's
         report.left.append(f"{label(norm.node)}: {_why_left(graph, norm.node, rank)}; "
-                           + _leave(graph, norm, rank))
+                           + _leave(graph, norm, rank, dtype))
     graph.prune()
     del model.graph.value_info[:]  # shapes recorded before the rewrite may no longer hold
     report.nodes_after = len(model.graph.node)
     return report
 
 
-def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+def _shapes(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, np.dtype[Any]]]:
+    """Rank and element type of every value shape inference can tell."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # an invalid graph is caught by the checker later; ranks stay unknown
-        return {}
-    ranks = {}
+        return {}, {}
+    ranks, dtypes = {}, {}
     for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             ranks[vi.name] = len(t.shape.dim)
-    return ranks
+        if t.elem_type:
+            dtypes[vi.name] = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return ranks, dtypes
 
 
 def _weights(graph: Graph, node: onnx.NodeProto) -> tuple[NDArray[Any], NDArray[Any] | None] | None:
@@ -346,15 +351,15 @@ def _why_left(graph: Graph, bn: onnx.NodeProto, rank: int | None) -> str:
     return f"between {before} and {after}: no linear neighbour it folds into exactly"
 
 
-def _leave(graph: Graph, norm: _Norm, rank: int | None) -> str:
+def _leave(graph: Graph, norm: _Norm, rank: int | None, dtype: np.dtype[Any]) -> str:
     """Replace the batch norm by x * s + t per channel; keep it as is if the rank is unknown."""
     bn = norm.node
     if rank is None or rank < 2:
         return f"kept as {BN} in inference mode (the rank of its input is unknown)"
     shape = (len(norm.s),) + (1,) * (rank - 2)
     base = bn.name or bn.output[0]
-    scale = graph.set_constant(base + ".scale", norm.s.reshape(shape).astype(norm.dtype))
-    shift = graph.set_constant(base + ".shift", norm.t.reshape(shape).astype(norm.dtype))
+    scale = graph.set_constant(base + ".scale", norm.s.reshape(shape).astype(dtype))
+    shift = graph.set_constant(base + ".shift", norm.t.reshape(shape).astype(dtype))
     scaled = graph.fresh(base + ".scaled")
     mul = graph.add_node("Mul", [bn.input[0], scale], [scaled], after=bn)
     graph.add_node("Add", [scaled, shift], [bn.output[0]], after=mul)
