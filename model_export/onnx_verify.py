@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 from onnx.reference import ReferenceEvaluator
 
 from model_export import graph as bnserve_graph
-from model_export.onnx_fold import RefusedError
+from model_export.onnx_fold import TRAINING_FIX, RefusedError
 
 if TYPE_CHECKING:
     from model_export.onnx_import import Interface
@@ -56,6 +56,9 @@ def samples(given: NDArray[Any] | None, shape: tuple[int, ...]) -> F32:
                            f"[n, {', '.join(map(str, shape))}] for this model's input")
     if not np.isfinite(x).all():
         raise RefusedError("--samples holds NaN or infinite values")
+    if len(x) < 2:
+        raise RefusedError("--samples needs at least 2 examples: one alone must be compared with "
+                           "the same one inside a batch")
     return x
 
 
@@ -116,6 +119,21 @@ def _run_batch(sess: ort.InferenceSession, x: F32, what: str) -> list[NDArray[An
         ) from None
 
 
+def _check_batch_independence(sess: ort.InferenceSession, x: F32, out: NDArray[Any],
+                              tol: float) -> None:
+    """First of all: an example's answer must not depend on the rest of its batch. A graph that
+    normalises with the batch's own statistics (a training-mode export, whatever operators it
+    was written with) fails here, with the fix, before any comparison could blame the folding."""
+    alone = np.concatenate([_run_batch(sess, x[i : i + 1], "folded")[0] for i in range(len(x))])
+    moved = float(np.abs(alone.astype(np.float64) - out).max())
+    if moved > tol:
+        raise RefusedError(
+            f"each example's answer depends on the other examples in its batch (alone vs inside "
+            f"a batch of {len(x)}: max |d| {moved:.2e}, tol {tol:.1e}): the graph normalises "
+            f"with the statistics of the batch it is given. {TRAINING_FIX}; a Keras model must "
+            "not be converted from a function that calls it with training=True")
+
+
 def check_folded(
     folded: onnx.ModelProto, reference: NDArray[np.float64], x: F32, log: Callable[[str], None]
 ) -> list[str]:
@@ -126,6 +144,7 @@ def check_folded(
             f"ONNX Runtime cannot load the folded graph: {_first_line(e)}") from None
     (out,) = _run_batch(sess, x, "folded")
     tol = tolerance(reference)
+    _check_batch_independence(sess, x, out, tol)
     ok_shape = out.shape == reference.shape
     diff = float(np.abs(out - reference).max()) if ok_shape else float("inf")
     return [_check(
