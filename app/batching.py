@@ -1,8 +1,10 @@
 """Adaptive batching: concurrent single-example predictions share one ONNX Runtime run.
 
-Batch norm in inference mode is a fixed affine map per row, so a row's answer does not depend on
-the rows it shares a run with (warm-up checks this bit for bit, app/predictor.py); coalescing
-only saves the per-run overhead, which for a large model is most of the cost of a row.
+Batch norm in inference mode is a fixed affine map per example, so an example's answer does not
+depend on the examples it shares a run with, whatever the input's shape and the output's kind
+(warm-up checks this bit for bit, app/predictor.py); coalescing only saves the per-run overhead,
+which for a large model is most of the cost of an example. Runs are concatenations along the
+batch dimension; each caller gets its own slice of every output back.
 
 Everything happens on the event loop, without a thread hop: handing a run to a worker thread and
 back cost about 80 us on the benchmark machine, against 6 to 13 us for the default model's whole
@@ -28,12 +30,10 @@ import asyncio
 from collections.abc import Callable
 
 import numpy as np
-from numpy.typing import NDArray
 
-F32 = NDArray[np.float32]
-I64 = NDArray[np.int64]
-Outputs = tuple[F32, I64]
-Run = Callable[[F32], Outputs]  # float32 [N, n_features] -> (probabilities [N, k], labels [N])
+from app.predictor import F32, Outputs
+
+Run = Callable[[F32], Outputs]  # float32 [N, ...] -> the model's outputs, [N, ...] each
 _Waiter = tuple[F32, "asyncio.Future[Outputs]"]
 
 
@@ -48,7 +48,7 @@ class Batcher:
         self._busy_turn = False  # a request was already served or queued in this iteration
 
     async def predict(self, x: F32) -> Outputs:
-        """One valid example (float32 [1, n_features]) -> its (probabilities [1, k], label [1])."""
+        """One valid example (float32 [1, ...]) -> its outputs ([1, ...] each)."""
         loop = asyncio.get_running_loop()
         if not self._busy_turn:
             self._busy_turn = True
@@ -82,7 +82,7 @@ class Batcher:
         if not waiters:
             return
         try:
-            probs, labels = self.run(np.concatenate([x for x, _ in waiters]))
+            outputs = self.run(np.concatenate([x for x, _ in waiters]))
         except Exception as e:
             if len(waiters) == 1:
                 waiters[0][1].set_exception(e)
@@ -91,5 +91,5 @@ class Batcher:
                 self._run_batch([waiter])
             return
         for i, (_, future) in enumerate(waiters):
-            future.set_result((probs[i : i + 1], labels[i : i + 1]))
+            future.set_result(tuple(out[i : i + 1] for out in outputs))
 

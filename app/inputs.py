@@ -1,5 +1,9 @@
 """Request body -> float32 model input, with vectorised checks and messages that name the problem.
 
+This module reads examples that are 1-D ([N, F] models): a list in feature order or an object
+by feature name. Examples of more dimensions are nested lists (app/tensors.py, which shares the
+helpers here: ``parse``, ``check_fields``, ``instances``, ``kind``).
+
 The common case costs a few C-level passes (``set(map(type, ...))``, one ``np.array``, one
 ``np.isfinite``); Python loops over individual values run only to describe an error.
 
@@ -29,10 +33,12 @@ from app.errors import BadInputError, MalformedBodyError, PayloadTooLargeError, 
 F32 = NDArray[np.float32]
 T = TypeVar("T")
 
-_NUMBER_TYPES = frozenset({int, float})
-_ONLY_LISTS = frozenset({list})
+NUMBER_TYPES = frozenset({int, float})
+ONLY_LISTS = frozenset({list})
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _MAX_LISTED = 5  # names listed in one message before "... and N more"
+EXPECTED_FINITE = f"finite numbers with magnitude at most {_FLOAT32_MAX:g}"
+EXPECTED_NUMBERS = "JSON numbers only: no strings, booleans, null, lists or objects"
 
 
 class FeatureSpec:
@@ -82,7 +88,7 @@ def _explain_parse_error(
     return plain
 
 
-def _kind(value: object) -> str:
+def kind(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -103,13 +109,13 @@ def _listed(names: Sequence[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _prefix(where: str) -> str:
+def prefix(where: str) -> str:
     return f"{where}: " if where else ""
 
 
-def _check_fields(doc: object, field: str, expected: str) -> Any:
+def check_fields(doc: object, field: str, expected: str) -> Any:
     if type(doc) is not dict:
-        raise BadInputError(f"the body must be a JSON object, got {_kind(doc)}", expected=expected)
+        raise BadInputError(f"the body must be a JSON object, got {kind(doc)}", expected=expected)
     if field not in doc:
         raise BadInputError(f"the body has no {field!r} field", expected=expected)
     if len(doc) != 1:
@@ -120,7 +126,7 @@ def _check_fields(doc: object, field: str, expected: str) -> Any:
 
 def _values(value: object, spec: FeatureSpec, where: str) -> Sequence[Any]:
     """One example (a list in feature order, or an object by name) -> its raw numbers in order."""
-    p = _prefix(where)
+    p = prefix(where)
     if type(value) is list:
         if len(value) != spec.n:
             raise BadInputError(
@@ -142,17 +148,17 @@ def _values(value: object, spec: FeatureSpec, where: str) -> Sequence[Any]:
     else:
         raise BadInputError(
             f"{p}features must be a list of {spec.n} numbers or an object mapping feature names "
-            f"to numbers, got {_kind(value)}",
+            f"to numbers, got {kind(value)}",
             expected=spec.expected_features,
         )
-    if not set(map(type, seq)) <= _NUMBER_TYPES:
-        bad = [j for j, v in enumerate(seq) if type(v) not in _NUMBER_TYPES]
+    if not set(map(type, seq)) <= NUMBER_TYPES:
+        bad = [j for j, v in enumerate(seq) if type(v) not in NUMBER_TYPES]
         j = bad[0]
         more = f" (and {len(bad) - 1} more non-numeric values)" if len(bad) > 1 else ""
         raise BadInputError(
-            f"{p}feature {spec.names[j]!r} (index {j}) is {_kind(seq[j])}; expected a number"
+            f"{p}feature {spec.names[j]!r} (index {j}) is {kind(seq[j])}; expected a number"
             + more,
-            expected="JSON numbers only: no strings, booleans, null, lists or objects",
+            expected=EXPECTED_NUMBERS,
         )
     return seq
 
@@ -164,21 +170,24 @@ def _float32(x64: NDArray[np.float64], spec: FeatureSpec, where: Callable[[int],
         return x32
     rows, cols = np.nonzero(~np.isfinite(x32))
     i, j = int(rows[0]), int(cols[0])
-    v = float(x64[i, j])
-    if np.isnan(v):
-        what = "NaN"
-    elif np.isinf(v):
-        what = "Infinity" if v > 0 else "-Infinity"
-    else:
-        what = f"{v:g}, beyond float32's range (largest {_FLOAT32_MAX:g})"
     more = f" (and {len(rows) - 1} more)" if len(rows) > 1 else ""
     raise BadInputError(
-        f"{_prefix(where(i))}feature {spec.names[j]!r} (index {j}) is {what}" + more,
-        expected=f"finite numbers with magnitude at most {_FLOAT32_MAX:g}",
+        f"{prefix(where(i))}feature {spec.names[j]!r} (index {j}) is "
+        f"{not_float32(float(x64[i, j]))}" + more,
+        expected=EXPECTED_FINITE,
     )
 
 
-def _array(rows: Sequence[Sequence[Any]]) -> NDArray[np.float64]:
+def not_float32(v: float) -> str:
+    """What a float64 value that is not a finite float32 is, for a message."""
+    if np.isnan(v):
+        return "NaN"
+    if np.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return f"{v:g}, beyond float32's range (largest {_FLOAT32_MAX:g})"
+
+
+def float64_array(rows: Sequence[Any]) -> NDArray[np.float64]:
     try:
         return np.array(rows, dtype=np.float64)
     except OverflowError:  # a Python int beyond float64; only the lenient parser makes these
@@ -189,8 +198,8 @@ def _array(rows: Sequence[Sequence[Any]]) -> NDArray[np.float64]:
 
 def single_example(doc: object, spec: FeatureSpec) -> F32:
     """``{"features": [...] | {...}}`` -> float32 [1, n_features]."""
-    seq = _values(_check_fields(doc, "features", spec.expected_single), spec, "")
-    x64 = _array([seq])
+    seq = _values(check_fields(doc, "features", spec.expected_single), spec, "")
+    x64 = float64_array([seq])
     if _within_float32(seq):
         return x64.astype(np.float32)
     return _float32(x64, spec, lambda i: "")
@@ -209,10 +218,24 @@ def _within_float32(seq: Sequence[float]) -> bool:
 
 def batch_examples(doc: object, spec: FeatureSpec, max_batch: int) -> F32:
     """``{"instances": [...]}`` -> float32 [N, n_features], 1 <= N <= max_batch."""
-    inst = _check_fields(doc, "instances", spec.expected_batch)
-    limit = f"1 to {max_batch} instances, each {spec.expected_features}"
+    inst = instances(doc, spec.expected_batch, spec.expected_features, max_batch)
+    if (
+        set(map(type, inst)) == ONLY_LISTS
+        and set(map(len, inst)) == {spec.n}
+        and set(map(type, chain.from_iterable(inst))) <= NUMBER_TYPES
+    ):
+        rows: Sequence[Sequence[Any]] = inst  # the common case: checked without a Python loop
+    else:
+        rows = [_values(v, spec, f"instances[{i}]") for i, v in enumerate(inst)]
+    return _float32(float64_array(rows), spec, lambda i: f"instances[{i}]")
+
+
+def instances(doc: object, expected_batch: str, expected_each: str, max_batch: int) -> list[Any]:
+    """``{"instances": [...]}`` -> the list, of 1 to max_batch examples (not yet checked)."""
+    inst = check_fields(doc, "instances", expected_batch)
+    limit = f"1 to {max_batch} instances, each {expected_each}"
     if type(inst) is not list:
-        raise BadInputError(f"'instances' must be a list, got {_kind(inst)}", expected=limit)
+        raise BadInputError(f"'instances' must be a list, got {kind(inst)}", expected=limit)
     if not inst:
         raise BadInputError("'instances' is empty", expected=limit)
     if len(inst) > max_batch:
@@ -220,12 +243,4 @@ def batch_examples(doc: object, spec: FeatureSpec, max_batch: int) -> F32:
             f"{len(inst)} instances is more than the limit of {max_batch} per request",
             expected=f"at most {max_batch} instances; split larger batches",
         )
-    if (
-        set(map(type, inst)) == _ONLY_LISTS
-        and set(map(len, inst)) == {spec.n}
-        and set(map(type, chain.from_iterable(inst))) <= _NUMBER_TYPES
-    ):
-        rows: Sequence[Sequence[Any]] = inst  # the common case: checked without a Python loop
-    else:
-        rows = [_values(v, spec, f"instances[{i}]") for i, v in enumerate(inst)]
-    return _float32(_array(rows), spec, lambda i: f"instances[{i}]")
+    return inst

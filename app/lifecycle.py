@@ -43,12 +43,14 @@ async def load_model(rt: Runtime) -> None:
         readiness.not_ready(f"model not loaded: {e}")
         raise
     info = predictor.info
+    features = None if info.feature_names is None else len(info.feature_names)
     rt.metrics.set_model(info)
     rt.model = Model.of(predictor, s.max_batch)
     readiness.set_ready()
     log.info("model ready", extra={"fields": {
         "model_version": info.model_version, "path": info.path, "sha256": info.sha256,
-        "features": len(info.feature_names), "classes": info.class_names,
+        "output_kind": info.output_kind, "input_shape": list(info.input_shape),
+        "features": features, "classes": info.class_names,
         "load_ms": round(info.load_seconds * 1000, 1),
         "warm_up_ms": round(info.warm_up_seconds * 1000, 1),
         "intra_op_threads": intra, "inter_op_threads": inter,

@@ -56,15 +56,20 @@ def _request_id(request: Request) -> str:
 def model_document(info: ModelInfo) -> dict[str, Any]:
     p = info.parsed
     inp = info.inputs[0]
+    features, classes = info.feature_names, info.class_names
     return {
         "model_version": info.model_version,
         "format": p.get("format"),
-        "feature_names": info.feature_names,
-        "class_names": info.class_names,
-        "n_features": len(info.feature_names),
-        "n_classes": len(info.class_names),
+        "output_kind": info.output_kind,
+        "input_shape": list(info.input_shape),
+        "feature_names": features,
+        "class_names": classes,
+        "n_features": None if features is None else len(features),
+        "n_classes": None if classes is None else len(classes),
         "input": inp.as_dict(),
         "outputs": [o.as_dict() for o in info.outputs],
+        "fold_report": info.fold_report,
+        "source": info.source,
         "estimator": p.get("estimator"),
         "eps": p.get("eps"),
         "beta_avg": p.get("beta_avg"),
@@ -160,14 +165,17 @@ _predict_docs = APIRouter(tags=["predict"])
 _DOCS_ONLY = "documents the route for OpenAPI; app.service.Service answers it"
 
 
-@_predict_docs.post(PREDICT, response_model=schemas.Prediction, responses=_ERRORS,
-                    summary="Predict one example")
+# The answer's shape depends on the model's output_kind (GET /model): a class or raw values.
+@_predict_docs.post(PREDICT, response_model=schemas.Prediction | schemas.ValuesPrediction,
+                    responses=_ERRORS, summary="Predict one example")
 async def _predict(body: schemas.PredictRequest) -> schemas.Prediction:
     raise RuntimeError(_DOCS_ONLY)
 
 
-@_predict_docs.post(PREDICT_BATCH, response_model=schemas.BatchPrediction, responses=_ERRORS,
-                    summary="Predict up to BNSERVE_MAX_BATCH examples in one request")
+@_predict_docs.post(
+    PREDICT_BATCH, response_model=schemas.BatchPrediction | schemas.ValuesBatchPrediction,
+    responses=_ERRORS, summary="Predict up to BNSERVE_MAX_BATCH examples in one request",
+)
 async def _predict_batch(body: schemas.BatchRequest) -> schemas.BatchPrediction:
     raise RuntimeError(_DOCS_ONLY)
 
@@ -179,7 +187,8 @@ def create_app(settings: Settings) -> Service:
     api = FastAPI(
         title="bnserve",
         version=__version__,
-        description="Single-example predictions from a batch-norm MLP exported to ONNX.",
+        description="Single-example predictions from a batch-norm network exported to ONNX "
+        "(bnserve-export): a classifier or a values model, examples of any fixed shape.",
         lifespan=lifespan(rt),
         docs_url="/docs" if docs else None,
         redoc_url=None,

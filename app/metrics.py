@@ -71,7 +71,8 @@ class Metrics:
             registry=reg,
         )
         self.predictions = Counter(
-            "bnserve_predictions", "Examples predicted, by predicted class.", ["class"],
+            "bnserve_predictions", "Examples predicted, by predicted class (classifiers only).",
+            ["class"],
             registry=reg,
         )
         self.in_flight = Gauge(
@@ -116,7 +117,8 @@ class Metrics:
                 self._classes[i].inc(n)
 
     def set_model(self, info: ModelInfo) -> None:
-        self._classes = [self.predictions.labels(name) for name in info.class_names]
+        # only classifiers have classes to count; a values model's answers are not counted here
+        self._classes = [self.predictions.labels(name) for name in info.class_names or ()]
         for child in self._classes:
             child.inc(0)  # every class shows up in /metrics from the start, at 0
         self.model_info.labels(

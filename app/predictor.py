@@ -1,16 +1,21 @@
 """The ONNX Runtime session: load a bnserve ONNX file, check its interface, warm it up, predict.
 
 No HTTP here. ``Predictor.load`` refuses (``ModelError``) any file that is missing, unreadable,
-not ONNX, or does not have the interface ``model_export`` writes:
+not ONNX, or does not have the interface ``bnserve-export`` writes:
 
-    input   features       float32 [N, n_features]
-    output  probabilities  float32 [N, n_classes]
-    output  label          int64   [N]
-    metadata format "bnserve-onnx/1", feature_names (n_features names), class_names (n_classes)
+    input   features       float32 [N, d1, ..., dk]: k >= 1, d1..dk fixed, N the batch
+    output_kind "classifier" (also when the key is absent: files written before issue 9)
+      output  probabilities  float32 [N, n_classes]
+      output  label          int64   [N]
+    output_kind "values" (regression, embeddings, image-to-image)
+      output  values         float32 [N, ...], the only output
+    metadata format "bnserve-onnx/1", model_version, class_names (classifiers only),
+             feature_names (only when examples are 1-D, [N, F]); optional fold_report, source
 
-``warm_up`` runs the graph once per shape family and checks what comes out (probabilities in
-[0, 1] summing to 1, label = argmax, each row alone bit-identical to the row inside a batch), so a
-model that would serve garbage never becomes ready.
+``warm_up`` runs the graph on random examples of the input's shape and checks what comes out
+(every output finite; for a classifier, probabilities in [0, 1] summing to 1 and label = argmax;
+each example alone bit-identical to the same example inside a batch), so a model that would
+serve garbage never becomes ready.
 """
 
 from __future__ import annotations
@@ -28,13 +33,20 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-# The interface written by model_export/graph.py (not imported: serving does not need onnx).
+# The interface written by model_export (not imported: serving does not need onnx).
 FORMAT = "bnserve-onnx/1"
 INPUT = "features"
 OUTPUT_PROBS = "probabilities"
 OUTPUT_LABEL = "label"
+OUTPUT_VALUES = "values"
+CLASSIFIER = "classifier"
+VALUES = "values"
+OUTPUT_KINDS = (CLASSIFIER, VALUES)
 _JSON_KEYS = ("feature_names", "class_names", "hidden", "eps", "beta_avg", "train_accuracy",
-              "val_accuracy", "n_train", "n_val", "opset")
+              "val_accuracy", "n_train", "n_val", "opset", "fold_report")
+
+F32 = NDArray[np.float32]
+Outputs = tuple[NDArray[Any], ...]  # in the order of Predictor.output_names, batch first
 
 
 class ModelError(Exception):
@@ -57,8 +69,10 @@ class ModelInfo:
     sha256: str
     size_bytes: int
     model_version: str
-    feature_names: list[str]
-    class_names: list[str]
+    output_kind: str  # CLASSIFIER or VALUES
+    input_shape: tuple[int, ...]  # one example's dimensions, without the batch
+    feature_names: list[str] | None  # 1-D examples only
+    class_names: list[str] | None  # classifiers only
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     metadata: dict[str, str]  # the file's metadata_props, verbatim
@@ -68,6 +82,15 @@ class ModelInfo:
     loaded_at: str = ""
     load_seconds: float = 0.0
     warm_up_seconds: float = 0.0
+
+    @property
+    def fold_report(self) -> dict[str, Any] | None:
+        report: dict[str, Any] | None = self.parsed.get("fold_report")
+        return report
+
+    @property
+    def source(self) -> str | None:
+        return self.metadata.get("source")
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(double)": "float64",
@@ -104,29 +127,28 @@ def _names(parsed: dict[str, Any], key: str) -> list[str]:
     return value
 
 
-def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
-    """Everything the service relies on, or ModelError naming the first thing that is wrong."""
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"metadata format is {meta.get('format')!r}, expected {FORMAT!r} "
-                         "(a file written by bnserve-export)")
-    parsed = _decode(meta)
-    version = meta.get("model_version", "")
-    if not version:
-        raise ModelError("metadata 'model_version' is missing or empty")
-    features, classes = _names(parsed, "feature_names"), _names(parsed, "class_names")
-    if len(classes) < 2:
-        raise ModelError(f"metadata 'class_names' has {len(classes)} class; expected at least 2")
-
-    inputs = [_spec(i) for i in session.get_inputs()]
-    outputs = [_spec(o) for o in session.get_outputs()]
+def _input_shape(inputs: list[TensorSpec]) -> tuple[int, ...]:
+    """One example's dimensions: the input's shape after the batch, every one a fixed size."""
     if len(inputs) != 1 or inputs[0].name != INPUT:
         raise ModelError(f"inputs are {[i.name for i in inputs]}, expected exactly [{INPUT!r}]")
     inp = inputs[0]
-    if inp.dtype != "float32" or len(inp.shape) != 2:
-        raise ModelError(f"input {INPUT!r} is {inp.dtype} {inp.shape}, expected float32 [N, F]")
-    if inp.shape[1] != len(features):
-        raise ModelError(f"input {INPUT!r} has {inp.shape[1]} features but metadata "
-                         f"feature_names has {len(features)}")
+    if inp.dtype != "float32" or len(inp.shape) < 2:
+        raise ModelError(f"input {INPUT!r} is {inp.dtype} {inp.shape}, expected float32 "
+                         "[N, d1, ..., dk] (e.g. [N, 30] or [N, 3, 32, 32])")
+    batch, *dims = inp.shape
+    if isinstance(batch, int):
+        raise ModelError(f"input {INPUT!r} has shape {inp.shape}: its first (batch) dimension "
+                         "is fixed; it must be dynamic (bnserve-export makes it so)")
+    if not all(isinstance(d, int) and d > 0 for d in dims):
+        raise ModelError(f"input {INPUT!r} has shape {inp.shape}: every dimension after the "
+                         "batch must be a fixed positive size")
+    return tuple(int(d) for d in dims)
+
+
+def _check_classifier(outputs: list[TensorSpec], parsed: dict[str, Any]) -> list[str]:
+    classes = _names(parsed, "class_names")
+    if len(classes) < 2:
+        raise ModelError(f"metadata 'class_names' has {len(classes)} class; expected at least 2")
     by_name = {o.name: o for o in outputs}
     for name, dtype, rank in ((OUTPUT_PROBS, "float32", 2), (OUTPUT_LABEL, "int64", 1)):
         out = by_name.get(name)
@@ -138,20 +160,65 @@ def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
     if by_name[OUTPUT_PROBS].shape[1] != len(classes):
         raise ModelError(f"output {OUTPUT_PROBS!r} has {by_name[OUTPUT_PROBS].shape[1]} classes "
                          f"but metadata class_names has {len(classes)}")
+    return classes
+
+
+def _check_values(outputs: list[TensorSpec]) -> None:
+    if [o.name for o in outputs] != [OUTPUT_VALUES]:
+        raise ModelError(f"outputs are {[o.name for o in outputs]}, expected exactly "
+                         f"[{OUTPUT_VALUES!r}] for output_kind {VALUES!r}")
+    out = outputs[0]
+    if out.dtype != "float32" or not out.shape:
+        raise ModelError(f"output {OUTPUT_VALUES!r} is {out.dtype} {out.shape}, expected "
+                         "float32 [N, ...]")
+
+
+def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
+    """Everything the service relies on, or ModelError naming the first thing that is wrong."""
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"metadata format is {meta.get('format')!r}, expected {FORMAT!r} "
+                         "(a file written by bnserve-export)")
+    parsed = _decode(meta)
+    version = meta.get("model_version", "")
+    if not version:
+        raise ModelError("metadata 'model_version' is missing or empty")
+    kind = meta.get("output_kind", CLASSIFIER)
+    if kind not in OUTPUT_KINDS:
+        raise ModelError(f"metadata 'output_kind' is {kind!r}, expected one of "
+                         f"{list(OUTPUT_KINDS)}")
+    if "fold_report" in meta and not isinstance(parsed["fold_report"], dict):
+        raise ModelError("metadata 'fold_report' must be a JSON object")
+
+    inputs = [_spec(i) for i in session.get_inputs()]
+    outputs = [_spec(o) for o in session.get_outputs()]
+    shape = _input_shape(inputs)
+    features = None
+    if len(shape) == 1:  # names only make sense for 1-D examples; requests may use them
+        features = _names(parsed, "feature_names")
+        if shape[0] != len(features):
+            raise ModelError(f"input {INPUT!r} has {shape[0]} features but metadata "
+                             f"feature_names has {len(features)}")
+    classes = None
+    if kind == CLASSIFIER:
+        classes = _check_classifier(outputs, parsed)
+    else:
+        _check_values(outputs)
     return ModelInfo(
-        path="", sha256="", size_bytes=0, model_version=version, feature_names=features,
-        class_names=classes, inputs=inputs, outputs=outputs, metadata=dict(meta), parsed=parsed,
-        intra_op_threads=0, inter_op_threads=0,
+        path="", sha256="", size_bytes=0, model_version=version, output_kind=kind,
+        input_shape=shape, feature_names=features, class_names=classes, inputs=inputs,
+        outputs=outputs, metadata=dict(meta), parsed=parsed, intra_op_threads=0,
+        inter_op_threads=0,
     )
 
 
 class Predictor:
     def __init__(self, session: Any, info: ModelInfo) -> None:
         self._session = session
-        self._outputs = [OUTPUT_PROBS, OUTPUT_LABEL]
         self.info = info
-        self.n_features = len(info.feature_names)
-        self.n_classes = len(info.class_names)
+        self.classifier = info.output_kind == CLASSIFIER
+        self.output_names = [OUTPUT_PROBS, OUTPUT_LABEL] if self.classifier else [OUTPUT_VALUES]
+        self.input_shape = info.input_shape
+        self.n_classes = len(info.class_names or ())
 
     @classmethod
     def load(cls, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Predictor:
@@ -177,9 +244,8 @@ class Predictor:
             session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             meta = dict(session.get_modelmeta().custom_metadata_map)
         except Exception as e:  # ORT raises its own exception types for corrupt files
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"model file {str(path)!r} is not a loadable ONNX model: "
-                             f"{first}") from None
+                             f"{_first_line(e)}") from None
         try:
             info = _check_interface(session, meta)
         except ModelError as e:
@@ -192,10 +258,10 @@ class Predictor:
         )
         return cls(session, info)
 
-    def predict(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        """float32 [N, n_features] -> (probabilities float32 [N, n_classes], labels int64 [N])."""
-        probs, labels = self._session.run(self._outputs, {INPUT: x})
-        return probs, labels
+    def predict(self, x: F32) -> Outputs:
+        """float32 [N, *input_shape] -> the outputs, [N, ...] each: (probabilities float32
+        [N, n_classes], label int64 [N]) for a classifier, (values float32 [N, ...],) else."""
+        return tuple(self._session.run(self.output_names, {INPUT: x}))
 
     def warm_up(self, max_batch: int) -> None:
         """Run every code path once and refuse a model whose outputs make no sense."""
@@ -209,38 +275,61 @@ class Predictor:
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
         n = max(2, min(max_batch, 8))
-        x = np.vstack([np.zeros((1, self.n_features)), rng.normal(size=(n - 1, self.n_features))])
+        shape = self.input_shape
+        x = np.concatenate([np.zeros((1, *shape)), rng.normal(size=(n - 1, *shape))])
         x = x.astype(np.float32)
-        probs, labels = self._checked(x)
+        outs = self._checked(x)
         for i in range(n):
-            p1, l1 = self._checked(x[i : i + 1])
-            if not (np.array_equal(p1[0], probs[i]) and l1[0] == labels[i]):
-                raise ModelError(f"row {i} gives a different answer alone than inside a batch of "
-                                 f"{n}: the graph is not in inference mode")
-        if max_batch > n:  # the largest batch a request may send: still row by row identical
-            big, big_labels = self._checked(np.resize(x, (max_batch, self.n_features)))
+            alone = self._checked(x[i : i + 1])
+            if not all(np.array_equal(a[0], o[i]) for a, o in zip(alone, outs, strict=True)):
+                raise ModelError(f"example {i} gives a different answer alone than inside a "
+                                 f"batch of {n}: the graph is not in inference mode")
+        if max_batch > n:  # the largest batch a request may send: still example by example
+            big = self._checked(np.resize(x, (max_batch, *shape)))
             rows = np.arange(max_batch) % n
-            if not (np.array_equal(big, probs[rows]) and np.array_equal(big_labels, labels[rows])):
-                raise ModelError(f"rows give different answers inside a batch of {max_batch} "
-                                 f"than inside a batch of {n}")
+            if not all(np.array_equal(b, o[rows]) for b, o in zip(big, outs, strict=True)):
+                raise ModelError(f"examples give different answers inside a batch of "
+                                 f"{max_batch} than inside a batch of {n}")
         self.info = replace(self.info, warm_up_seconds=time.perf_counter() - t0)
 
-    def _checked(self, x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        probs, labels = self.predict(x)
-        n = len(x)
-        if probs.dtype != np.float32 or probs.shape != (n, self.n_classes):
-            raise ModelError(f"probabilities came out {probs.dtype} {probs.shape}, expected "
-                             f"float32 {(n, self.n_classes)}")
-        if labels.dtype != np.int64 or labels.shape != (n,):
-            raise ModelError(
-                f"labels came out {labels.dtype} {labels.shape}, expected int64 {(n,)}"
-            )
-        if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
-            raise ModelError("probabilities are not all finite and within [0, 1]")
-        if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
-            raise ModelError("probabilities do not sum to 1")
-        if not ((labels >= 0) & (labels < self.n_classes)).all() or not np.array_equal(
-            probs[np.arange(n), labels], probs.max(axis=1)
-        ):
-            raise ModelError("label is not the most probable class")
-        return probs, labels
+    def _checked(self, x: F32) -> Outputs:
+        try:
+            outs = self.predict(x)
+        except Exception as e:  # e.g. a Reshape that hard-codes the batch size
+            raise ModelError(f"running a batch of {len(x)} failed: {_first_line(e)}") from None
+        if self.classifier:
+            _check_classes(outs, len(x), self.n_classes)
+        else:
+            _check_values_out(outs, len(x))
+        return outs
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_classes(outs: Outputs, n: int, n_classes: int) -> None:
+    probs, labels = outs
+    if probs.dtype != np.float32 or probs.shape != (n, n_classes):
+        raise ModelError(f"probabilities came out {probs.dtype} {probs.shape}, expected "
+                         f"float32 {(n, n_classes)}")
+    if labels.dtype != np.int64 or labels.shape != (n,):
+        raise ModelError(f"labels came out {labels.dtype} {labels.shape}, expected int64 {(n,)}")
+    if not (np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()):
+        raise ModelError("probabilities are not all finite and within [0, 1]")
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-4):
+        raise ModelError("probabilities do not sum to 1")
+    if not ((labels >= 0) & (labels < n_classes)).all() or not np.array_equal(
+        probs[np.arange(n), labels], probs.max(axis=1)
+    ):
+        raise ModelError("label is not the most probable class")
+
+
+def _check_values_out(outs: Outputs, n: int) -> None:
+    (values,) = outs
+    if values.dtype != np.float32 or values.ndim < 1 or len(values) != n:
+        raise ModelError(f"values came out {values.dtype} {values.shape}, expected float32 "
+                         f"[{n}, ...]")
+    if not np.isfinite(values).all():
+        raise ModelError("values are not all finite on random inputs")

@@ -6,11 +6,16 @@ validate real responses against them with ``extra="forbid"``, which keeps the do
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from typing_extensions import TypeAliasType
 
 _STRICT = ConfigDict(extra="forbid", populate_by_name=True)
+
+# A number, or lists of lists ... of numbers: one example of a model whose examples have several
+# dimensions, or one example's values.
+Nested = TypeAliasType("Nested", "float | list[Nested]")
 
 
 class PredictRequest(BaseModel):
@@ -22,17 +27,19 @@ class PredictRequest(BaseModel):
                           16.3, 25.7, 107.3, 880.6, 0.132, 0.254, 0.272, 0.115, 0.29, 0.084]},
         ]},
     )
-    features: list[float] | dict[str, float] = Field(
-        description="One example: every feature value in the order of GET /model "
-        "`feature_names`, or an object mapping each feature name to its value (all names, no "
-        "others). Values are JSON numbers that stay finite in float32 (|x| <= 3.4028235e38): "
-        "NaN, Infinity, strings, booleans, null and nested lists are rejected with 422.",
+    features: list[float] | dict[str, float] | list[Nested] = Field(
+        description="One example. 1-D examples (GET /model `input_shape` [F]): every feature "
+        "value in the order of `feature_names`, or an object mapping each feature name to its "
+        "value (all names, no others). Examples of more dimensions (e.g. [5, 40], [3, 32, 32]): "
+        "nested lists of exactly that shape. Values are JSON numbers that stay finite in float32 "
+        "(|x| <= 3.4028235e38): NaN, Infinity, strings, booleans, null, a wrong shape or ragged "
+        "lists are rejected with 422, the message naming the position.",
     )
 
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[float] | dict[str, float]] = Field(
+    instances: list[list[float] | dict[str, float] | list[Nested]] = Field(
         min_length=1,
         description="1 to BNSERVE_MAX_BATCH (default 256) examples, each as in POST /predict "
         "`features`; more get 413. No example influences another.",
@@ -49,9 +56,29 @@ class Prediction(BaseModel):
     model_version: str
 
 
+class ValuesPrediction(BaseModel):
+    """The answer of a model with output_kind "values" (regression, embeddings, ...)."""
+
+    model_config = _STRICT
+    values: Nested = Field(
+        description="The model's output for this example, float32 values: nested lists of the "
+        "shape of output `values` after the batch dimension (a number for an output [N])."
+    )
+    model_version: str
+
+
 class BatchPrediction(BaseModel):
     model_config = _STRICT
     predictions: list[Prediction] = Field(
+        description="One answer per instance, in order, each identical to POST /predict's "
+        "answer for that instance alone."
+    )
+    model_version: str
+
+
+class ValuesBatchPrediction(BaseModel):
+    model_config = _STRICT
+    predictions: list[ValuesPrediction] = Field(
         description="One answer per instance, in order, each identical to POST /predict's "
         "answer for that instance alone."
     )
@@ -119,12 +146,24 @@ class ModelInfo(BaseModel):
     model_config = _STRICT
     model_version: str
     format: str
-    feature_names: list[str]
-    class_names: list[str]
-    n_features: int
-    n_classes: int
+    output_kind: Literal["classifier", "values"] = Field(
+        description="classifier: answers name a class; values: answers are the raw output."
+    )
+    input_shape: list[int] = Field(
+        description="One example's dimensions (the input's shape without the batch), e.g. [30] "
+        "or [3, 32, 32]."
+    )
+    feature_names: list[str] | None = Field(description="1-D examples only; else null.")
+    class_names: list[str] | None = Field(description="Classifiers only; else null.")
+    n_features: int | None = Field(description="len(feature_names), or null.")
+    n_classes: int | None = Field(description="len(class_names), or null.")
     input: TensorInfo
     outputs: list[TensorInfo]
+    fold_report: dict[str, Any] | None = Field(
+        description="What bnserve-export --from-onnx folded (its summary, counts, what is left), "
+        "as written in the file; null for models it trained itself."
+    )
+    source: str | None = Field(description="Where an imported model came from, e.g. its sha256.")
     estimator: str | None = Field(description="Batch-norm statistics used: ewma or population.")
     eps: float | None
     beta_avg: float | None

@@ -2,8 +2,9 @@
 
 Every HTTP request passes through ``Service``. ``POST /predict`` and ``POST /predict/batch`` are
 answered right here, without FastAPI's routing, request objects or response classes: read the
-body (with the size limit), parse it with orjson, convert it with vectorised checks, one ONNX
-Runtime call (or, with adaptive batching on, a share of one: app/batching.py), orjson out.
+body (with the size limit), parse it with orjson, convert it with vectorised checks for the
+model's input shape (app/inputs.py, app/tensors.py), one ONNX Runtime call (or, with adaptive
+batching on, a share of one: app/batching.py), the answer for its output kind (app/answers.py).
 Everything else (health, model metadata, metrics, docs, 404/405) is passed on to the FastAPI app,
 whose OpenAPI schema also documents the two fast routes.
 
@@ -17,20 +18,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import re
 from time import perf_counter
-from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import inputs
 from app.batching import Batcher
 from app.errors import (
     INTERNAL_ERROR_MESSAGE,
-    BadInputError,
     MalformedBodyError,
     MethodNotAllowedError,
     NotReadyError,
@@ -40,7 +37,8 @@ from app.errors import (
     error_body,
 )
 from app.metrics import UNMATCHED_ROUTE
-from app.state import Model, Runtime
+from app.predictor import Outputs
+from app.state import Runtime
 
 PREDICT = "/predict"
 PREDICT_BATCH = "/predict/batch"
@@ -58,34 +56,8 @@ class _ClientGoneError(Exception):
     pass
 
 
-def _non_finite_output(rows: list[list[float]], batch: bool) -> BadInputError | None:
-    """None if every probability is finite: else the error naming the first bad row."""
-    i = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), None)
-    if i is None:
-        return None
-    where = f"instances[{i}]: " if batch else ""
-    return BadInputError(
-        f"{where}these feature values make the model's output overflow (NaN): they are far "
-        "outside the range it was trained on",
-        expected="feature values on the scale of the training data",
-    )
-
-
 def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
-
-
-def render(model: Model, rows: list[list[float]], labels: list[int], batch: bool) -> bytes:
-    """The answer for each row: the same object whether it came alone or in a batch."""
-    names, version = model.class_names, model.version
-    answers = [
-        {"class": names[k], "class_index": k, "probabilities": dict(zip(names, p, strict=True)),
-         "model_version": version}
-        for p, k in zip(rows, labels, strict=True)
-    ]
-    if batch:
-        return orjson.dumps({"predictions": answers, "model_version": version})
-    return orjson.dumps(answers[0])
 
 
 class Service:
@@ -223,26 +195,23 @@ class Service:
         batch = path == PREDICT_BATCH
         x = inputs.parse(await self._read_body(receive), model.batch if batch else model.single)
         if batch or self.batcher is None:
-            probs, labels = self._run(x)  # one ONNX Runtime call per request
+            outputs = self._run(x)  # one ONNX Runtime call per request
         else:  # only a parsed, valid example gets here to join a batch
-            probs, labels = await self.batcher.predict(x)
-        # .tolist(): exact float32 values as Python floats, so JSON output is deterministic
-        rows: list[list[float]] = probs.tolist()
-        bad = _non_finite_output(rows, batch)  # finite inputs can still overflow in the network
-        if bad is not None:
-            raise bad
-        self.metrics.count_predictions(labels)
-        return render(model, rows, labels.tolist(), batch)
+            outputs = await self.batcher.predict(x)
+        answer = model.answer(outputs, batch)  # 422 if an output is not finite (app/answers.py)
+        if model.classifier:
+            self.metrics.count_predictions(outputs[1])
+        return answer
 
-    def _run(self, x: inputs.F32) -> tuple[inputs.F32, Any]:
+    def _run(self, x: inputs.F32) -> Outputs:
         model = self.rt.model
         assert model is not None  # only called once a request found the model ready
         t0 = perf_counter()
-        probs, labels = model.predictor.predict(x)
+        outputs = model.predictor.predict(x)
         self.metrics.inference_seconds.observe(perf_counter() - t0)
-        return probs, labels
+        return outputs
 
-    def _run_batch(self, x: inputs.F32) -> tuple[inputs.F32, Any]:
+    def _run_batch(self, x: inputs.F32) -> Outputs:
         self.metrics.batch_size.observe(len(x))
         return self._run(x)
 

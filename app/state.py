@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from app.inputs import F32, FeatureSpec, batch_examples, single_example
+from app import answers, inputs, tensors
+from app.inputs import F32, FeatureSpec
 from app.logs import AccessLog
 from app.metrics import Metrics
-from app.predictor import Predictor
+from app.predictor import ModelInfo, Outputs, Predictor
 from app.settings import Settings
+from app.tensors import ShapeSpec
 
 
 class Readiness:
@@ -38,27 +42,57 @@ class Readiness:
         self.reason = "shutting down"
 
 
+Decode = Callable[[Any], F32]  # a parsed request body -> float32 model input
+
+
 @dataclass(frozen=True)
 class Model:
-    """A warm predictor and what requests need from it, published in one attribute write."""
+    """A warm predictor and what requests need from it, published in one attribute write:
+    the request decoders for its input shape and the answer encoder for its output kind."""
 
     predictor: Predictor
-    spec: FeatureSpec
-    class_names: tuple[str, ...]
     version: str
-    max_batch: int
+    classifier: bool  # answers name a class (and metrics count them), else raw values
+    class_names: tuple[str, ...] | None
+    single: Decode  # the parsed body of POST /predict -> float32 [1, ...]
+    batch: Decode  # of POST /predict/batch -> float32 [N, ...]
+    answer: Callable[[Outputs, bool], bytes]  # (outputs, batch?) -> the JSON answer
 
     @classmethod
     def of(cls, predictor: Predictor, max_batch: int) -> Model:
         info = predictor.info
-        return cls(predictor, FeatureSpec(info.feature_names), tuple(info.class_names),
-                   info.model_version, max_batch)
+        version = info.model_version
+        single, batch = _decoders(info, max_batch)
+        if info.class_names is None:
+            return cls(predictor, version, False, None, single, batch,
+                       partial(answers.values, version))
+        names = tuple(info.class_names)
+        return cls(predictor, version, True, names, single, batch,
+                   partial(answers.classes, names, version))
 
-    def single(self, doc: Any) -> F32:
-        return single_example(doc, self.spec)
 
-    def batch(self, doc: Any) -> F32:
-        return batch_examples(doc, self.spec, self.max_batch)
+def _decoders(info: ModelInfo, max_batch: int) -> tuple[Decode, Decode]:
+    """(single, batch) request decoders for the model's input shape. Closures, not
+    ``partial(..., spec=spec)``: a partial with keywords costs 0.3 us more per call."""
+    if info.feature_names is not None:  # 1-D examples: a list, or an object by name
+        spec = FeatureSpec(info.feature_names)
+
+        def single(doc: Any) -> F32:
+            return inputs.single_example(doc, spec)
+
+        def batch(doc: Any) -> F32:
+            return inputs.batch_examples(doc, spec, max_batch)
+
+        return single, batch
+    shape = ShapeSpec(info.input_shape)  # nested lists of the input's shape
+
+    def single_nd(doc: Any) -> F32:
+        return tensors.single_example(doc, shape)
+
+    def batch_nd(doc: Any) -> F32:
+        return tensors.batch_examples(doc, shape, max_batch)
+
+    return single_nd, batch_nd
 
 
 @dataclass

@@ -164,15 +164,19 @@ def test_openapi_documents_the_fast_routes_truthfully(client: TestClient, traine
     predict = paths["/predict"]["post"]
     ref = predict["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert ref.endswith("/PredictRequest")
-    ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
-    assert ok.endswith("/Prediction")
+    ok = predict["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in ok] == ["Prediction", "ValuesPrediction"]
     assert set(predict["responses"]) == {"200", "400", "413", "415", "422", "503"}
     schemas_ = spec["components"]["schemas"]
     assert set(schemas_["Prediction"]["properties"]) == {
         "class", "class_index", "probabilities", "model_version"}
+    assert set(schemas_["ValuesPrediction"]["properties"]) == {"values", "model_version"}
     batch = paths["/predict/batch"]["post"]
     assert batch["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "/BatchRequest")
+    ok = batch["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
+    assert [r["$ref"].rsplit("/", 1)[1] for r in ok] == ["BatchPrediction",
+                                                         "ValuesBatchPrediction"]
 
     # the documented example is a real, valid request
     example = schemas_["PredictRequest"]["examples"][0]

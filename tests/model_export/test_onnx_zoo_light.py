@@ -61,8 +61,8 @@ def test_shipped_model_folds_and_matches_its_reference_output(tmp_path: Path, na
     model = onnx.load(str(LIGHT / f"{name}.onnx"))
     expected = numpy_helper.to_array(
         onnx.load_tensor(str(LIGHT / f"{name}_output_0.pb"))).astype(np.float64)
-    x = _dummy_input(model)
-    status, out = _fold(tmp_path, model, x)
+    x = _dummy_input(model)  # [1, ...]; a second, different sample for the batch checks
+    status, out = _fold(tmp_path, model, np.concatenate([x, 1 - x]))
     assert status == 0
     folded = onnx.load(str(out))
     assert _n_bn(model) > 0
@@ -102,8 +102,9 @@ def test_with_random_weights_the_folded_model_equals_the_original(
     tmp_path: Path, name: str
 ) -> None:
     model = _randomised(onnx.load(str(LIGHT / f"{name}.onnx")), seed=0)
-    x = np.random.default_rng(1).normal(size=(1, 3, 224, 224)).astype(np.float32)
-    expected = _run(model.SerializeToString(), x, optimize=False)
+    x = np.random.default_rng(1).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    original = model.SerializeToString()  # its batch size is fixed at 1: one sample at a time
+    expected = np.concatenate([_run(original, x[i : i + 1], optimize=False) for i in range(2)])
     assert np.isfinite(expected).all()
     assert expected.std() > 1e-3  # not a constant output: the check below can fail
     status, out = _fold(tmp_path, model, x)
