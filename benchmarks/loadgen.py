@@ -58,9 +58,10 @@ def ensure_wrk() -> str:
 
 
 def write_script(path: Path, bodies: list[bytes], route: str = "/predict") -> Path:
-    """A wrk script posting ``bodies`` in turn (JSON bodies contain no ']]', Lua's long quote)."""
-    assert all(b"]]" not in b for b in bodies)
-    items = ",\n".join(f"[[{b.decode()}]]" for b in bodies)
+    """A wrk script posting ``bodies`` in turn, each in a Lua long string of level 2: nested JSON
+    lists end in ']]', which would close a level-0 one."""
+    assert all(b"]==]" not in b for b in bodies)
+    items = ",\n".join(f"[==[{b.decode()}]==]" for b in bodies)
     path.write_text(f"""local bodies = {{
 {items}
 }}

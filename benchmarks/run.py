@@ -1,6 +1,7 @@
 """``make bench``: bnserve's POST /predict against the stack's ceiling, a naive wrapper and the
 floor, at concurrency 1, 16 and 64, with and without adaptive batching, 1 and 2 workers, on the
-default model and a wide one. Writes reports/bench.json and prints the tables and the targets.
+default model, a wide one and an image model (a small ResNet imported from PyTorch). Writes
+reports/bench.json and prints the tables and the targets.
 
 All servers run at once on 127.0.0.1 (idle ones cost nothing) and are measured in rounds, each
 round visiting every target in a rotated order, so drift (thermal, noisy neighbours) hits all
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import floor
+import image_model
 import loadgen
 import numpy as np
 import orjson
@@ -145,17 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     wrk = loadgen.ensure_wrk()
     default_model = ROOT / "models" / "default.onnx"
     wide = wide_model.build(ROOT / "models")
+    image = image_model.build(ROOT / "models")
+    image_rows = image_model.rows()
     work = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
     scripts = {
         "default": loadgen.write_script(work / "default.lua",
                                         rows_of(ROOT / "models" / "default.ckpt", 113)),
         "wide": loadgen.write_script(work / "wide.lua", rows_of(wide.with_suffix(".ckpt"), 100)),
+        "image": loadgen.write_script(work / "image.lua", image_rows),
     }
     print("floor: ONNX Runtime run() for one example, in-process", flush=True)
     floors = {
         "default": floor.measure(default_model, checkpoint.load(ROOT / "models/default.ckpt")[2]),
         "wide": floor.measure(wide, checkpoint.load(wide.with_suffix(".ckpt"))[2]),
+        "image": floor.measure(image, np.load(image_model.FIXTURE / "resnet_basic.inputs.npy")),
     }
+    print("image model: where one request's time goes, in-process", flush=True)
+    image_split = image_model.time_split(image, image_rows)
     targets_ = [
         Target("default/bare", "default", "bare ASGI (ceiling)",
                script_server("bare", "bare_asgi.py", work)),
@@ -180,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         Target("wide/bnserve", "wide", "bnserve", bnserve("bnserve-wide", wide, work)),
         Target("wide/bnserve+batching", "wide", "bnserve, batching",
                bnserve("bnserve-wide-batching", wide, work, batching=True)),
+        Target("image/naive", "image", "naive FastAPI",
+               script_server("naive-image", "naive_fastapi.py", work, image)),
+        Target("image/bnserve", "image", "bnserve", bnserve("bnserve-image", image, work)),
+        Target("image/bnserve+batching", "image", "bnserve, batching",
+               bnserve("bnserve-image-batching", image, work, batching=True)),
     ]
     servers: dict[str, dict[str, Any]] = {}
     try:
@@ -218,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True,
                               check=False).stdout.strip().splitlines()[0],
         "labels": {t.key: t.label for t in targets_},
-        "floor": floors, "servers": servers, "cells": [asdict(c) for c in cells],
+        "floor": floors, "image_time_split_us": image_split, "servers": servers,
+        "cells": [asdict(c) for c in cells],
         "memory": memory, "cold_start_seconds": colds,
         "wall_seconds": time.time() - started,
     }

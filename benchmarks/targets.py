@@ -100,6 +100,8 @@ def report(result: dict[str, Any]) -> str:
     keys = [x["key"] for x in result["cells"] if x["concurrency"] == 1]
     default = [k for k in keys if k.startswith("default/")]
     wide = [k for k in keys if k.startswith("wide/")]
+    image = [k for k in keys if k.startswith("image/")]
+    split = result["image_time_split_us"]
     s = result["settings"]
     lines = [
         f"machine: {m['cpu_model']}, {m['cpus']} CPUs (budget {m['cpu_budget']}), Python "
@@ -118,6 +120,16 @@ def report(result: dict[str, Any]) -> str:
         "Wide model (256 inputs, hidden 1024 x 4), one worker:",
         "",
         *_table(result, wide, ceiling=False),
+        "",
+        "Image model (3x32x32 input: a small ResNet exported by PyTorch, its 9 batch norms folded "
+        "by bnserve-export --from-onnx), one worker:",
+        "",
+        *_table(result, image, ceiling=False),
+        "",
+        f"image model, one POST /predict in-process ({split['body_bytes']:,} bytes of JSON, "
+        f"{split['numbers']:,} numbers): JSON parsing {split['json_parse_us']:.0f} us, checks "
+        f"and float32 conversion {split['decode_us']:.0f} us, ONNX Runtime "
+        f"{split['inference_us']:.0f} us, the answer {split['answer_us']:.0f} us",
         "",
         "start and memory:",
     ]
