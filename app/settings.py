@@ -99,6 +99,53 @@ class Settings(BaseSettings):
         description="After the listener closes, how long in-flight requests may take to finish "
         "before they are cancelled and the process exits.",
     )
+    # ---- issue 10: limits and timeouts per connection, model size, reload, access
+    max_pipelined_requests: int = Field(
+        default=16, ge=1,
+        description="Requests one connection may have queued (pipelined, not yet answered); "
+        "past this the server stops reading from it until answers are written.",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024, ge=1024,
+        description="Largest request line plus headers; larger heads get 431 and the connection "
+        "is closed.",
+    )
+    max_headers: int = Field(
+        default=100, ge=8, description="Most header fields in a request (more get 431)."
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0,
+        description="A connection must send a complete request head within this long of opening "
+        "(or of its previous answer); otherwise it is closed.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0,
+        description="A request body must arrive in full within this long of its head; otherwise "
+        "the request is answered 408 and the connection closed.",
+    )
+    max_model_bytes: int = Field(
+        default=1024**3, ge=1,
+        description="Largest model file loaded (bytes); a larger one is refused with a clear "
+        "message before it is read.",
+    )
+    reload_seconds: float = Field(
+        default=0.0, ge=0,
+        description="Hot reload: check the model file this often (0: never) and, when it "
+        "changed, load, check and warm the new one beside the old, then switch atomically; a "
+        "bad file leaves the old model serving. SIGHUP triggers a check at once.",
+    )
+    api_keys: str | None = Field(
+        default=None, repr=False,
+        description="Comma-separated bearer tokens; when set (or api_keys_file), the prediction "
+        "routes need 'Authorization: Bearer <token>'. Probes and metrics never do.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None, description="A file with one bearer token per line (see api_keys)."
+    )
+    expose_details: bool = Field(
+        default=False,
+        description="GET /model also shows file-system paths and library versions.",
+    )
     metrics_dir: Path | None = Field(
         default=None,
         description="Directory for Prometheus multiprocess files, wiped at start. Unset: a "
