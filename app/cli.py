@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import FrameType
 
@@ -72,22 +73,51 @@ def _prepare_metrics_dir(settings: Settings) -> Path | None:
     return created
 
 
-def _check_model(settings: Settings) -> bool:
+def _check_model(settings: Settings) -> int | None:
+    """fail_fast's check before serving: None if the model is good, else the exit status (2 for
+    a bad model, 0 if SIGTERM or Ctrl-C came while the load was still running). The load runs in
+    a daemon thread, so a load that hangs (a dead network filesystem) cannot keep us alive."""
     from app.predictor import ModelError, Predictor  # noqa: PLC0415 - only needed here
 
+    outcome: list[BaseException | None] = []
+    done = threading.Event()
+
+    def check() -> None:
+        try:
+            Predictor.load(settings.model_path, 1, 1, settings.max_model_bytes).warm_up(
+                settings.max_batch)
+            outcome.append(None)
+        except BaseException as e:  # reported below, in the main thread
+            outcome.append(e)
+        done.set()
+
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stopped.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        Predictor.load(settings.model_path, 1, 1).warm_up(settings.max_batch)
-    except ModelError as e:
-        log.error("model not loaded: %s; exiting (fail_fast)", e)
-        return False
-    return True
+        threading.Thread(target=check, name="bnserve-check-model", daemon=True).start()
+        while not done.wait(0.1) and not stopped:
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not done.is_set():
+        log.info("%s received while checking the model; exiting", signal.Signals(stopped[0]).name)
+        return 0
+    error = outcome[0]
+    if isinstance(error, ModelError):
+        log.error("model not loaded: %s; exiting (fail_fast)", error)
+        return 2
+    if error is not None:
+        raise error
+    return None
 
 
 def _serve(settings: Settings) -> int:
     import uvicorn  # noqa: PLC0415 - after the environment is prepared
-    from uvicorn.supervisors import Multiprocess  # noqa: PLC0415
 
     from app.protocol import PROTOCOL  # noqa: PLC0415
+    from app.supervisor import make_supervisor  # noqa: PLC0415
 
     config = uvicorn.Config(
         APP_FACTORY, factory=True, host=settings.host, port=settings.port,
@@ -100,8 +130,8 @@ def _serve(settings: Settings) -> int:
     )
     if settings.workers > 1:
         # Each worker gets SIGTERM from the supervisor and runs the same lifespan, which makes
-        # its readiness 503 and drains it (app/lifecycle.py).
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        # its readiness 503 and drains it (app/lifecycle.py). SIGHUP: app/supervisor.py.
+        supervisor = make_supervisor(config, [config.bind_socket()])
         supervisor.run()
         failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
         return STARTUP_FAILURE if failed else 0
@@ -116,6 +146,7 @@ def _serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the lifespan handles it (a reload)
     try:
         server.run()
     except SystemExit as e:  # uvicorn exits like this when the lifespan start-up fails
@@ -156,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     "%d", settings.workers, budget.cpus, budget.cpus)
     created = _prepare_metrics_dir(settings)
     try:
-        if settings.fail_fast and not _check_model(settings):
-            return 2
+        if settings.fail_fast and (status := _check_model(settings)) is not None:
+            return status
         return _serve(settings)
     finally:
         if created is not None:

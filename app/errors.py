@@ -13,6 +13,12 @@ import orjson
 
 INTERNAL_ERROR_MESSAGE = "internal server error; the request id identifies it in the server logs"
 
+# What the HTTP protocol (app/protocol.py) and the ASGI service (app/service.py) tell each other
+# about a request, in its ASGI scope: the request id the service chose (so an answer the protocol
+# writes itself carries it), and that the protocol answered 408 because the body stopped coming.
+REQUEST_ID_KEY = "bnserve.request_id"
+TIMED_OUT_KEY = "bnserve.timed_out"
+
 
 class ServiceError(Exception):
     """An error the client can act on; answered with ``status_code`` and the error shape."""
@@ -53,6 +59,25 @@ class PayloadTooLargeError(ServiceError):
 
 class UnsupportedMediaTypeError(ServiceError):
     status_code = 415
+
+
+class UnauthorizedError(ServiceError):
+    """No bearer token, or not one of the configured ones (app/auth.py)."""
+
+    status_code = 401
+
+    def __init__(self, message: str, *, invalid_token: bool) -> None:
+        challenge = 'Bearer realm="bnserve"' + (', error="invalid_token"' if invalid_token else "")
+        super().__init__(
+            message, expected="an 'Authorization: Bearer <token>' header with a valid token",
+            headers={"www-authenticate": challenge},
+        )
+
+
+class UnsupportedTransferCodingError(ServiceError):
+    """A Transfer-Encoding other than chunked (RFC 9112: 501, and the framing cannot be trusted)."""
+
+    status_code = 501
 
 
 class MethodNotAllowedError(ServiceError):

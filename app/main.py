@@ -7,6 +7,8 @@ and wraps every request with request ids, limits, metrics and access logs.
 
 from __future__ import annotations
 
+import signal
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -54,6 +56,7 @@ def _request_id(request: Request) -> str:
 
 
 def model_document(info: ModelInfo) -> dict[str, Any]:
+    """GET /model without file-system paths or library versions (see ``model_details``)."""
     p = info.parsed
     inp = info.inputs[0]
     features, classes = info.feature_names, info.class_names
@@ -79,15 +82,21 @@ def model_document(info: ModelInfo) -> dict[str, Any]:
         "opset": p.get("opset"),
         "training": {k: p.get(k) for k in ("train_accuracy", "val_accuracy", "n_train", "n_val",
                                            "data_sha256", "data_source")},
-        "file": {"path": info.path, "sha256": info.sha256, "size_bytes": info.size_bytes},
+        "file": {"sha256": info.sha256, "size_bytes": info.size_bytes},
         "loaded_at": info.loaded_at,
         "load_seconds": info.load_seconds,
         "warm_up_seconds": info.warm_up_seconds,
-        "runtime": {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
-                    "intra_op_threads": info.intra_op_threads,
+        "runtime": {"intra_op_threads": info.intra_op_threads,
                     "inter_op_threads": info.inter_op_threads},
         "metadata": info.metadata,
     }
+
+
+def model_details(doc: dict[str, Any], info: ModelInfo) -> None:
+    """What GET /model adds with BNSERVE_EXPOSE_DETAILS=true: where the file is on this machine
+    and which ONNX Runtime runs it (useful to an operator, a map to an attacker)."""
+    doc["file"]["path"] = info.path
+    doc["runtime"].update(onnxruntime=ort.__version__, providers=["CPUExecutionProvider"])
 
 
 def _add_routes(api: FastAPI, rt: Runtime) -> None:
@@ -107,13 +116,19 @@ def _add_routes(api: FastAPI, rt: Runtime) -> None:
         return _json(doc, 200 if r.ready else 503)
 
     @api.get("/model", response_model=schemas.ModelInfo, tags=["model"],
-             summary="The model being served: interface, training figures, file hash, load time",
+             summary="The model being served: interface, training figures, file hash, load time, "
+             "last reload",
              responses={503: _ERRORS[503]})
     async def model_info() -> Response:
         model = rt.model
         if model is None:
             raise NotReadyError(rt.readiness.reason)
-        return _json(model_document(model.predictor.info))
+        info = model.predictor.info
+        doc = model_document(info)
+        if rt.settings.expose_details:
+            model_details(doc, info)
+        doc["last_reload"] = None if rt.last_reload is None else rt.last_reload.as_dict()
+        return _json(doc)
 
     @api.get("/metrics", tags=["health"], response_class=Response,
              summary="Prometheus text format, aggregated over all workers",
@@ -211,6 +226,10 @@ def create_app(settings: Settings) -> Service:
 
 def create_app_from_env() -> Service:
     """uvicorn's factory (``app.main:create_app_from_env``): settings and logging from env."""
+    if threading.current_thread() is threading.main_thread():
+        # A worker process starts with SIGHUP's default action (exit); until its lifespan
+        # handles it (a model reload), a SIGHUP forwarded by the supervisor is ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     settings = Settings()
     logs.configure(settings.log_level, settings.log_format)
     return create_app(settings)

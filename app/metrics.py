@@ -84,6 +84,15 @@ class Metrics:
             ["model_version", "sha256", "format", "estimator", "folded"],
             multiprocess_mode="livemax", registry=reg,
         )
+        self.reloads = Counter(
+            "bnserve_model_reloads", "Attempts to load a changed model file beside the served "
+            "one: ok (the new model serves now) or failed (the old one still does; GET /model "
+            "says why).", ["result"], registry=reg,
+        )
+        self._reloads = {result: self.reloads.labels(result) for result in ("ok", "failed")}
+        for child in self._reloads.values():
+            child.inc(0)
+        self._model_labels: tuple[str, ...] | None = None
         if self.multiprocess:
             self._exposed = CollectorRegistry()
             multiprocess.MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
@@ -121,10 +130,18 @@ class Metrics:
         self._classes = [self.predictions.labels(name) for name in info.class_names or ()]
         for child in self._classes:
             child.inc(0)  # every class shows up in /metrics from the start, at 0
-        self.model_info.labels(
-            info.model_version, info.sha256, info.metadata.get("format", ""),
-            info.metadata.get("estimator", ""), info.metadata.get("folded", ""),
-        ).set(1)
+        labels = (info.model_version, info.sha256, info.metadata.get("format", ""),
+                  info.metadata.get("estimator", ""), info.metadata.get("folded", ""))
+        previous, self._model_labels = self._model_labels, labels
+        if previous is not None and previous != labels:  # a reload: the old model is gone here
+            if self.multiprocess:  # files keep every series this process wrote: zero it
+                self.model_info.labels(*previous).set(0)
+            else:
+                self.model_info.remove(*previous)
+        self.model_info.labels(*labels).set(1)
+
+    def count_reload(self, ok: bool) -> None:
+        self._reloads["ok" if ok else "failed"].inc()
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self._exposed)

@@ -1,7 +1,8 @@
 """The ONNX Runtime session: load a bnserve ONNX file, check its interface, warm it up, predict.
 
 No HTTP here. ``Predictor.load`` refuses (``ModelError``) any file that is missing, unreadable,
-not ONNX, or does not have the interface ``bnserve-export`` writes:
+not a regular file, over the size limit, not ONNX, or without the interface ``bnserve-export``
+writes:
 
     input   features       float32 [N, d1, ..., dk]: k >= 1, d1..dk fixed, N the batch
     output_kind "classifier" (also when the key is absent: files written before issue 9)
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import stat
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -211,6 +213,46 @@ def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
     )
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def read_model_file(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes. Refused before a byte is read (``ModelError``): a missing path, anything
+    but a regular file (a FIFO would block the read, a device might never end), a file over
+    ``max_bytes`` (BNSERVE_MAX_MODEL_BYTES). Symbolic links are followed. A network filesystem
+    that hangs still blocks here, even in ``stat``: callers run this off the event loop, in a
+    thread that shutdown does not wait for (app/reload.py)."""
+    name = str(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelError(f"model file {name!r} does not exist (BNSERVE_MODEL_PATH; a relative "
+                         "path is taken from the working directory)") from None
+    except OSError as e:
+        raise ModelError(f"cannot read model file {name!r}: {e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise ModelError(f"model file {name!r} is {kind}, not a regular file: bnserve reads "
+                         "models only from regular files (or symbolic links to them)")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ModelError(f"model file {name!r} is {st.st_size} bytes, over the limit of "
+                         f"{max_bytes} bytes (BNSERVE_MAX_MODEL_BYTES)")
+    try:
+        with path.open("rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as e:
+        raise ModelError(f"cannot read model file {name!r}: {e}") from None
+    except MemoryError:
+        raise ModelError(f"not enough memory to read model file {name!r} ({st.st_size} "
+                         "bytes)") from None
+    if max_bytes is not None and len(data) > max_bytes:  # it grew after the stat
+        raise ModelError(f"model file {name!r} is over the limit of {max_bytes} bytes "
+                         "(BNSERVE_MAX_MODEL_BYTES)")
+    return data
+
+
 class Predictor:
     def __init__(self, session: Any, info: ModelInfo) -> None:
         self._session = session
@@ -221,15 +263,12 @@ class Predictor:
         self.n_classes = len(info.class_names or ())
 
     @classmethod
-    def load(cls, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1) -> Predictor:
+    def load(
+        cls, path: Path, intra_op_threads: int = 1, inter_op_threads: int = 1,
+        max_bytes: int | None = None,
+    ) -> Predictor:
         t0 = time.perf_counter()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ModelError(f"model file {str(path)!r} does not exist "
-                             f"(cwd {str(Path.cwd())!r})") from None
-        except OSError as e:
-            raise ModelError(f"cannot read model file {str(path)!r}: {e}") from None
+        data = read_model_file(path, max_bytes)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
@@ -243,6 +282,9 @@ class Predictor:
             # From the bytes just hashed, so the sha256 reported is the model that runs.
             session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
             meta = dict(session.get_modelmeta().custom_metadata_map)
+        except MemoryError:
+            raise ModelError(f"not enough memory to load model file {str(path)!r} "
+                             f"({len(data)} bytes)") from None
         except Exception as e:  # ORT raises its own exception types for corrupt files
             raise ModelError(f"model file {str(path)!r} is not a loadable ONNX model: "
                              f"{_first_line(e)}") from None

@@ -129,17 +129,31 @@ class TrainingInfo(BaseModel):
 
 class FileInfo(BaseModel):
     model_config = _STRICT
-    path: str
+    path: str | None = Field(None, description="Where the file is on the server; only with "
+                             "BNSERVE_EXPOSE_DETAILS=true.")
     sha256: str = Field(description="sha256 of the file's bytes, as loaded.")
     size_bytes: int
 
 
 class RuntimeInfo(BaseModel):
     model_config = _STRICT
-    onnxruntime: str
-    providers: list[str]
+    onnxruntime: str | None = Field(None, description="ONNX Runtime's version; only with "
+                                    "BNSERVE_EXPOSE_DETAILS=true.")
+    providers: list[str] | None = Field(None, description="Execution providers; only with "
+                                        "BNSERVE_EXPOSE_DETAILS=true.")
     intra_op_threads: int
     inter_op_threads: int
+
+
+class ReloadInfo(BaseModel):
+    model_config = _STRICT
+    at: str = Field(description="ISO 8601 UTC time of the attempt.")
+    result: Literal["ok", "failed"] = Field(
+        description="ok: the new file's model serves now; failed: the previous model still does."
+    )
+    reason: str = Field(description="'<old version> -> <new version>', or why the new file was "
+                        "refused.")
+    model_version: str | None = Field(description="The version served after the attempt.")
 
 
 class ModelInfo(BaseModel):
@@ -178,3 +192,7 @@ class ModelInfo(BaseModel):
     warm_up_seconds: float
     runtime: RuntimeInfo
     metadata: dict[str, str] = Field(description="The file's metadata_props, verbatim.")
+    last_reload: ReloadInfo | None = Field(
+        None, description="The last attempt to load a changed model file (BNSERVE_RELOAD_SECONDS "
+        "or SIGHUP) in the worker that answered; null if none.",
+    )

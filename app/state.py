@@ -1,11 +1,13 @@
-"""What the running service knows: settings, metrics, readiness and (once warm) the model."""
+"""What the running service knows: settings, metrics, readiness, (once warm) the model, and the
+model file it came from with the last reload attempt."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
 
 from app import answers, inputs, tensors
 from app.inputs import F32, FeatureSpec
@@ -95,6 +97,39 @@ def _decoders(info: ModelInfo, max_batch: int) -> tuple[Decode, Decode]:
     return single_nd, batch_nd
 
 
+class Fingerprint(NamedTuple):
+    """What ``stat`` says of the model file (following symbolic links, so a Kubernetes volume
+    update, which swaps a symlink, shows up as a new inode). Any change means: look again."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> Fingerprint | None:
+        """None if the file cannot be stat'ed (missing, or being replaced non-atomically)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ReloadAttempt:
+    """The last time a changed model file was loaded beside the served model (GET /model)."""
+
+    at: str  # ISO 8601 UTC
+    result: Literal["ok", "failed"]
+    reason: str  # "<old version> -> <new version>", or why the new file was refused
+    model_version: str | None  # the version served after the attempt
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"at": self.at, "result": self.result, "reason": self.reason,
+                "model_version": self.model_version}
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -104,6 +139,9 @@ class Runtime:
     # None until the model is loaded and warm. Requests are served whenever it is set, also
     # while shutting down, so that in-flight and draining requests still succeed.
     model: Model | None = None
+    # stat of the model file at the last load attempt (first load or reload), ok or not
+    model_file: Fingerprint | None = None
+    last_reload: ReloadAttempt | None = None
 
     def __post_init__(self) -> None:
         self.access_log = AccessLog(self.settings.log_level, self.settings.log_format)

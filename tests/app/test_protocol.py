@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-from app.protocol import PROTOCOL, Protocol, _HeldWrites, flusher
+import app.protocol
+from app.protocol import PROTOCOL, Protocol, _HeldWrites, _missing_internals, flusher
 
 
 class Recorder:
@@ -24,9 +25,10 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, bytes]] = []
         self.closing = False
+        self.closing_accepts_writes = False  # as asyncio's and uvloop's do until they are closed
 
     def write(self, data: bytes) -> None:
-        assert not self.closing, "write after close"
+        assert not self.closing or self.closing_accepts_writes, "write after close"
         self.events.append(("write", data))
 
     def close(self) -> None:
@@ -53,6 +55,21 @@ def test_the_service_runs_on_this_protocol() -> None:
 
     module, name = PROTOCOL.split(":")
     assert getattr(importlib.import_module(module), name) is Protocol
+
+
+def test_the_uvicorn_internals_it_relies_on_are_there_and_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert _missing_internals() == []  # else Protocol is uvicorn's own, with a warning
+    assert Protocol is app.protocol._LimitedProtocol
+
+    class Cycle:  # a RequestResponseCycle that no longer has what the protocol reads
+        def __init__(self) -> None:
+            self.scope: dict[str, Any] = {}
+
+    monkeypatch.setattr(app.protocol, "RequestResponseCycle", Cycle)
+    assert _missing_internals() == ["Cycle.more_body", "Cycle.response_started",
+                                    "Cycle.response_complete"]
 
 
 def test_a_request_alone_in_flight_is_written_at_once() -> None:
@@ -94,7 +111,7 @@ def test_with_company_writes_wait_for_the_loop_turn_and_go_out_once_per_connecti
     asyncio.run(main())
 
 
-def test_close_writes_what_is_held_first_and_a_gone_connection_drops_it() -> None:
+def test_close_writes_what_is_held_first_and_only_a_lost_connection_drops_it() -> None:
     async def main() -> None:
         in_flight = {"a", "b"}
         rec = Recorder()
@@ -105,10 +122,18 @@ def test_close_writes_what_is_held_first_and_a_gone_connection_drops_it() -> Non
         await asyncio.sleep(0)  # the scheduled flush finds nothing left to write
         assert rec.events == [("write", b"answer"), ("close", b"")]
 
+        half_closed = Recorder()
+        conn = held(half_closed, in_flight)
+        conn.write(b"answer")
+        half_closed.closing = True  # closing (the peer half-closed): it still sends what it gets
+        half_closed.closing_accepts_writes = True
+        await asyncio.sleep(0)
+        assert half_closed.events == [("write", b"answer")]
+
         gone = Recorder()
         conn = held(gone, in_flight)
         conn.write(b"answer")
-        gone.closing = True  # the peer went away meanwhile
+        assert conn.lose() == len(b"answer")  # connection_lost: no one to read it
         await asyncio.sleep(0)
         assert gone.events == []
 
@@ -176,10 +201,10 @@ def test_answers_with_a_request_in_flight_are_whole_ordered_and_closed_right(
         assert len({b for _, _, b in answers}) == 1  # the same row thrice: the same answer
         assert orjson.loads(answers[0][2])["class"] in trained.class_names
 
-        # a head-only answer (HEAD on a GET route: 405 with its Content-Length, no body)
+        # a head-only answer (HEAD on a GET route: GET's status and Content-Length, no body)
         fast.sendall(b"HEAD /livez HTTP/1.1\r\nHost: t\r\nX-Request-ID: head\r\n\r\n")
         status, headers, _ = read_answer(fast, head_only=True)
-        assert (status, headers["x-request-id"]) == (405, "head")
+        assert (status, headers["x-request-id"]) == (200, "head")
 
         # Expect: 100-continue: the interim answer arrives before the body is sent
         fast.sendall(post_head("/predict", len(row), "cont", "Expect: 100-continue\r\n"))

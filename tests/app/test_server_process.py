@@ -115,23 +115,25 @@ def test_real_server_predicts_rejects_bad_input_and_logs_json(
         assert http.get("/predict").status_code == 405
         assert http.get("/model").json()["model_version"] == trained.model_version
 
-    # body limit over a real socket: by Content-Length, then chunked; the connection survives
+    # body limit over a real socket: by Content-Length, then chunked. A refused body closes the
+    # connection (issue 10: what follows must not be read as the rest of that body); the
+    # server keeps serving on new ones.
     ok = json.dumps({"features": rows[0]}).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        big = b'{"features": [' + b"1.0, " * 2000 + b"1.0]}"
-        s.sendall(http_head("POST", "/predict", len(big)) + big)
-        status, _, body = read_response(s)
-        assert status == 413
-        assert b"larger than the limit of 4096 bytes" in body
-        s.sendall(http_head("POST", "/predict", len(ok)) + ok)
-        assert read_response(s)[0] == 200
-        chunked = b"".join(b"%x\r\n%s\r\n" % (500, b" " * 500) for _ in range(20)) + b"0\r\n\r\n"
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
-        status, _, body = read_response(s)
-        assert status == 413
-        s.sendall(http_head("POST", "/predict", len(ok)) + ok)
-        assert read_response(s)[0] == 200
+    big = b'{"features": [' + b"1.0, " * 2000 + b"1.0]}"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (500, b" " * 500) for _ in range(20)) + b"0\r\n\r\n"
+    for refused in (http_head("POST", "/predict", len(big)) + big,
+                    b"POST /predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + chunked):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(refused)
+            status, headers, body = read_response(s)
+            assert status == 413
+            assert b"larger than the limit of 4096 bytes" in body
+            assert headers["connection"] == "close"
+            assert s.recv(1) == b""  # the end of the stream, not a reset
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(http_head("POST", "/predict", len(ok)) + ok)
+            assert read_response(s)[0] == 200
 
     assert server.terminate() == 0
     logs = server.json_logs()  # every line parses as JSON
