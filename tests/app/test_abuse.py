@@ -22,6 +22,7 @@ import pytest
 from app.auth import ApiKeys
 from app.errors import UnauthorizedError
 from app.settings import Settings
+from tests.app.wire import read_answer
 
 pytestmark = pytest.mark.slow
 
@@ -89,25 +90,6 @@ def split_answers(data: bytes, heads: int = 0) -> list[tuple[int, dict[str, str]
         out.append((int(status_line.split()[1]), headers, data[:n]))
         data = data[n:]
     return out
-
-
-def read_answer(sock: socket.socket, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
-    buf = b""
-    while not buf.endswith(ANSWER_HEAD_END):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed mid-head: {buf!r}")
-        buf += chunk
-    status_line, *lines = buf.decode().strip().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    body = b""
-    n = 0 if head_only else int(headers.get("content-length", "0"))
-    while len(body) < n:
-        chunk = sock.recv(n - len(body))
-        if not chunk:
-            raise ConnectionError("closed mid-body")
-        body += chunk
-    return int(status_line.split()[1]), headers, body
 
 
 def assert_error_shape(status: int, headers: dict[str, str], body: bytes, want: int) -> str:

@@ -22,8 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import schemas
 from app.lifecycle import load_model
 from app.main import create_app
-from app.service import Service
 from app.settings import Settings
+from tests.app.wire import post
 
 ContractModel = Any  # conftest.ContractModel (conftest modules are not importable)
 MODELS = ["image", "sequence", "regression"]
@@ -206,22 +206,6 @@ def test_metrics_count_predictions_per_class_only_for_classifiers(
     assert m["bnserve_inference_duration_seconds_count{}"] == 4
 
 
-async def _post(app: Service, body: bytes) -> tuple[int, bytes]:
-    scope = {"type": "http", "method": "POST", "path": "/predict",
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", b"%d" % len(body))]}
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"], sent[1]["body"]
-
-
 @pytest.mark.parametrize("name", ["image", "sequence"])
 def test_adaptive_batching_answers_are_the_bytes_each_example_gets_alone(
     contract_models: dict[str, Any], name: str
@@ -232,10 +216,10 @@ def test_adaptive_batching_answers_are_the_bytes_each_example_gets_alone(
     async def run() -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]], float]:
         batched = create_app(Settings(model_path=model.path, batching=True, log_level="warning"))
         await load_model(batched.rt)
-        together = await asyncio.gather(*(_post(batched, b) for b in bodies))
+        together = await asyncio.gather(*(post(batched, "/predict", b) for b in bodies))
         plain = create_app(Settings(model_path=model.path, log_level="warning"))
         await load_model(plain.rt)
-        alone = [await _post(plain, b) for b in bodies]
+        alone = [await post(plain, "/predict", b) for b in bodies]
         runs = next(s.value for f in text_string_to_metric_families(
             batched.metrics.render().decode()) for s in f.samples
             if s.name == "bnserve_batch_size_count")

@@ -23,27 +23,10 @@ from app.lifecycle import load_model
 from app.main import create_app
 from app.service import Service
 from app.settings import Settings
+from tests.app.wire import Response, post
 
 Trained = Any  # conftest.Trained
-Response = tuple[int, bytes]
 OVERFLOW = -3.0e38  # every feature at this value overflows inside the network (NaN output)
-
-
-async def post(app: Service, path: str, body: bytes) -> Response:
-    """One request through the ASGI app, as uvicorn would make it."""
-    scope = {"type": "http", "method": "POST", "path": path,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", b"%d" % len(body))]}
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    return sent[0]["status"], sent[1]["body"]
 
 
 async def started(trained: Trained, **settings: Any) -> Service:

@@ -17,6 +17,7 @@ import pytest
 
 import app.protocol
 from app.protocol import PROTOCOL, Protocol, _HeldWrites, _missing_internals, flusher
+from tests.app.wire import read_answer, read_exactly
 
 
 class Recorder:
@@ -154,31 +155,6 @@ def test_close_writes_what_is_held_first_and_only_a_lost_connection_drops_it() -
 def post_head(path: str, length: int, rid: str, extra: str = "") -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\nX-Request-ID: {rid}\r\n{extra}\r\n").encode()
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {buf!r}")
-        buf += chunk
-    return buf
-
-
-def read_answer(sock: socket.socket, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
-    """One answer, read to its last byte and not beyond (pipelined answers follow it); an answer
-    to HEAD has a Content-Length but no body (``head_only``)."""
-    buf = b""
-    while not buf.endswith(b"\r\n\r\n"):
-        chunk = sock.recv(1)
-        if not chunk:
-            raise ConnectionError(f"closed mid-head: {buf!r}")
-        buf += chunk
-    status_line, *lines = buf.decode().strip().split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
-    body = b"" if head_only else read_exactly(sock, int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
 
 
 @pytest.mark.slow
