@@ -28,7 +28,7 @@ log = logging.getLogger("bnserve.cli")
 APP_FACTORY = "app.main:create_app_from_env"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus_client when it is imported
 STARTUP_FAILURE = 3  # uvicorn's exit status for a server that could not start
-_FLAGS = ("model_path", "host", "port", "workers", "log_level", "log_format")
+_FLAGS = ("model_path", "model_name", "host", "port", "workers", "log_level", "log_format")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model-path", help="ONNX file to serve (BNSERVE_MODEL_PATH)")
+    p.add_argument("--model-name", help="the model's name in /v2/models/<name> "
+                   "(BNSERVE_MODEL_NAME; default: the file's stem)")
     p.add_argument("--host", help="interface to listen on (BNSERVE_HOST)")
     p.add_argument("--port", type=int, help="port to listen on (BNSERVE_PORT)")
     p.add_argument("--workers", type=int, help="worker processes (BNSERVE_WORKERS)")

@@ -1,6 +1,11 @@
-"""Client-facing errors and the one JSON shape every error response has.
+"""Client-facing errors, and how they look on the wire, per protocol, decided here only.
 
-    {"error": {"message": "...", "expected": "...", "request_id": "..."}}
+    bnserve  {"error": {"message": "...", "expected": "...", "request_id": "..."}}
+    V2       {"error": "<message> (expected: ...)"}   (the Open Inference Protocol's shape)
+
+V2 answers a request it cannot read (``BadInputError``, bnserve's 422) with 400, as its spec and
+Triton do; every other status is the same in both protocols. The request id travels in the
+``X-Request-ID`` header either way.
 
 ``expected`` is present when there is something useful to say about what a valid request looks
 like. Internal errors never leak details: their message is generic and the request id links the
@@ -86,7 +91,7 @@ class MethodNotAllowedError(ServiceError):
     def __init__(self, method: str, path: str, allowed: str) -> None:
         super().__init__(
             f"method {method} is not allowed on {path}",
-            expected=f"{allowed} {path}",
+            expected=" or ".join(f"{m.strip()} {path}" for m in allowed.split(",")),
             headers={"allow": allowed},
         )
 
@@ -108,3 +113,12 @@ def error_body(message: str, request_id: str, expected: str | None = None) -> by
         err["expected"] = expected
     err["request_id"] = request_id
     return orjson.dumps({"error": err})
+
+
+def render(protocol: str, e: ServiceError, request_id: str) -> tuple[int, bytes]:
+    """(status, body) of ``e`` in ``protocol`` (app/routes.py ``Route.protocol``)."""
+    if protocol == "v2":
+        message = e.message if e.expected is None else f"{e.message} (expected: {e.expected})"
+        status = 400 if isinstance(e, BadInputError) else e.status_code
+        return status, orjson.dumps({"error": message})
+    return e.status_code, error_body(e.message, request_id, e.expected)

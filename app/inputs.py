@@ -200,12 +200,12 @@ def single_example(doc: object, spec: FeatureSpec) -> F32:
     """``{"features": [...] | {...}}`` -> float32 [1, n_features]."""
     seq = _values(check_fields(doc, "features", spec.expected_single), spec, "")
     x64 = float64_array([seq])
-    if _within_float32(seq):
+    if within_float32(seq):
         return x64.astype(np.float32)
     return _float32(x64, spec, lambda i: "")
 
 
-def _within_float32(seq: Sequence[float]) -> bool:
+def within_float32(seq: Sequence[float]) -> bool:
     """True when every number is finite and within float32's range, so it stays finite as
     float32: C-level passes over the Python numbers, cheaper than numpy's checks for one row.
     False sends the row to the exact check, which names the culprit."""

@@ -1,14 +1,17 @@
 """The app: ``create_app(settings)`` for tests and embedding, ``create_app_from_env`` for uvicorn.
 
 The FastAPI app serves health, model metadata, metrics and docs, and runs the lifespan (model
-loading). It sits behind ``Service`` (app/service.py), which answers the two predict routes itself
-and wraps every request with request ids, limits, metrics and access logs.
+loading). It sits behind ``Service`` (app/service.py), which answers the fast routes itself
+(predictions, and the Open Inference Protocol's) and wraps every request with request ids,
+limits, metrics and access logs. Both take their routes from the one table in app/routes.py.
 """
 
 from __future__ import annotations
 
+import inspect
 import signal
 import threading
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -20,11 +23,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import logs, schemas
-from app.errors import INTERNAL_ERROR_MESSAGE, NotReadyError, ServiceError, error_body
+from app import logs, routes, schemas
+from app.errors import INTERNAL_ERROR_MESSAGE, NotReadyError, ServiceError, error_body, render
 from app.lifecycle import lifespan
 from app.predictor import ModelInfo
-from app.service import PREDICT, PREDICT_BATCH, REQUEST_ID_KEY, Service
+from app.service import REQUEST_ID_KEY, Service
 from app.settings import Settings
 from app.state import Runtime
 
@@ -33,8 +36,6 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-ROUTES = ("POST /predict", "POST /predict/batch", "GET /model", "GET /livez", "GET /readyz",
-          "GET /metrics", "GET /docs")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorResponse, "description": text} for code, text in {
         400: "Empty or non-JSON body.",
@@ -42,6 +43,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         415: "Content-Type is not application/json.",
         422: "The JSON is not a valid request: the message says what is wrong.",
         503: "The model is not loaded yet (see GET /readyz).",
+    }.items()
+}
+_V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.V2Error, "description": text} for code, text in {
+        400: "Not a valid inference request: the message names the input and the position.",
+        404: "No such model, or no such version of it.",
+        413: "Body over BNSERVE_MAX_BODY_BYTES, or more than BNSERVE_MAX_BATCH examples.",
+        415: "A Content-Type other than none, application/json or application/octet-stream.",
+        503: "The model is not loaded yet (see GET /v2/health/ready).",
     }.items()
 }
 
@@ -100,25 +110,15 @@ def model_details(doc: dict[str, Any], info: ModelInfo) -> None:
 
 
 def _add_routes(api: FastAPI, rt: Runtime) -> None:
-    @api.get("/livez", response_model=schemas.Liveness, tags=["health"],
-             summary="200 while the process and its event loop answer")
     async def livez() -> Response:
         return _json({"status": "alive"})
 
-    @api.get("/readyz", response_model=schemas.Readiness, tags=["health"],
-             summary="200 once the model is loaded, checked and warm; 503 with the reason before "
-             "that and from the moment shutdown begins",
-             responses={503: {"model": schemas.Readiness, "description": "Not ready."}})
     async def readyz() -> Response:
         r, model = rt.readiness, rt.model
         doc = {"ready": r.ready, "reason": r.reason,
                "model_version": model.version if model else None}
         return _json(doc, 200 if r.ready else 503)
 
-    @api.get("/model", response_model=schemas.ModelInfo, tags=["model"],
-             summary="The model being served: interface, training figures, file hash, load time, "
-             "last reload",
-             responses={503: _ERRORS[503]})
     async def model_info() -> Response:
         model = rt.model
         if model is None:
@@ -130,24 +130,40 @@ def _add_routes(api: FastAPI, rt: Runtime) -> None:
         doc["last_reload"] = None if rt.last_reload is None else rt.last_reload.as_dict()
         return _json(doc)
 
-    @api.get("/metrics", tags=["health"], response_class=Response,
-             summary="Prometheus text format, aggregated over all workers",
-             responses={200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
+
+    endpoints: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+        "livez": (livez, {"response_model": schemas.Liveness, "tags": ["health"]}),
+        "readyz": (readyz, {"response_model": schemas.Readiness, "tags": ["health"],
+                            "responses": {503: {"model": schemas.Readiness,
+                                                "description": "Not ready."}}}),
+        "model_info": (model_info, {"response_model": schemas.ModelInfo, "tags": ["model"],
+                                    "responses": {503: _ERRORS[503]}}),
+        "metrics": (metrics, {"tags": ["health"], "response_class": Response,
+                              "responses": {200: {"content": {"text/plain": {}}}}}),
+    }
+    for r in routes.ROUTES:
+        if r.fast or r.name in _FASTAPI_OWN:
+            continue
+        endpoint, extra = endpoints[r.name]  # a KeyError here: a route without its handler
+        api.add_api_route(r.template, endpoint, methods=[r.method], summary=r.summary, **extra)
+
+
+_FASTAPI_OWN = frozenset({"docs", "openapi"})  # FastAPI's docs_url and openapi_url
 
 
 def _add_error_handlers(api: FastAPI) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ServiceError)
-        body = error_body(exc.message, _request_id(request), exc.expected)
-        return Response(body, exc.status_code, exc.headers, media_type="application/json")
+        status, body = render("bnserve", exc, _request_id(request))
+        return Response(body, status, exc.headers, media_type="application/json")
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         method, path = request.method, request.url.path
         if exc.status_code == 404:
-            message, expected = f"no route {path}", "one of: " + ", ".join(ROUTES)
+            message, expected = f"no route {path}", "one of: " + routes.listing()
         elif exc.status_code == 405:
             allowed = (exc.headers or {}).get("Allow", "")
             message, expected = f"method {method} is not allowed on {path}", f"{allowed} {path}"
@@ -174,25 +190,48 @@ def _add_error_handlers(api: FastAPI) -> None:
     api.add_exception_handler(Exception, internal_error)
 
 
-# Documentation only: these handlers never run (Service answers the two routes before FastAPI
-# sees them); the router is not mounted, FastAPI just reads the signatures for the schema.
-_predict_docs = APIRouter(tags=["predict"])
-_DOCS_ONLY = "documents the route for OpenAPI; app.service.Service answers it"
+# Documentation only: the fast routes' request and answer models. Their endpoints never run
+# (Service answers these routes before FastAPI sees them); FastAPI just reads the signatures.
+_FAST_DOCS: dict[str, tuple[type[Any] | None, Any, list[str], dict[int | str, dict[str, Any]]]] = {
+    # The answer's shape depends on the model's output_kind (GET /model): a class or raw values.
+    "predict": (schemas.PredictRequest, schemas.Prediction | schemas.ValuesPrediction,
+                ["predict"], _ERRORS),
+    "predict_batch": (schemas.BatchRequest,
+                      schemas.BatchPrediction | schemas.ValuesBatchPrediction, ["predict"],
+                      _ERRORS),
+    "v2_server": (None, schemas.V2ServerMetadata, ["v2"], {}),
+    "v2_live": (None, schemas.V2Live, ["v2"], {}),
+    "v2_ready": (None, schemas.V2Ready, ["v2"], {503: {"model": schemas.V2Ready,
+                                                       "description": "Not ready."}}),
+    "v2_model": (None, schemas.V2ModelMetadata, ["v2"],
+                 {k: _V2_ERRORS[k] for k in (404, 503)}),
+    "v2_model_ready": (None, schemas.V2ModelReady, ["v2"],
+                       {404: _V2_ERRORS[404], 503: {"model": schemas.V2ModelReady,
+                                                    "description": "Not ready."}}),
+    "v2_infer": (schemas.V2InferRequest, schemas.V2InferResponse, ["v2"], _V2_ERRORS),
+}
 
 
-# The answer's shape depends on the model's output_kind (GET /model): a class or raw values.
-@_predict_docs.post(PREDICT, response_model=schemas.Prediction | schemas.ValuesPrediction,
-                    responses=_ERRORS, summary="Predict one example")
-async def _predict(body: schemas.PredictRequest) -> schemas.Prediction:
-    raise RuntimeError(_DOCS_ONLY)
+def _docs_router() -> APIRouter:
+    router = APIRouter()
+    for r in routes.ROUTES:
+        if not r.fast:
+            continue
+        body, answer, tags, errors = _FAST_DOCS[r.name]
 
+        async def endpoint(**kwargs: Any) -> None:
+            raise RuntimeError("documents the route for OpenAPI; app.service.Service answers it")
 
-@_predict_docs.post(
-    PREDICT_BATCH, response_model=schemas.BatchPrediction | schemas.ValuesBatchPrediction,
-    responses=_ERRORS, summary="Predict up to BNSERVE_MAX_BATCH examples in one request",
-)
-async def _predict_batch(body: schemas.BatchRequest) -> schemas.BatchPrediction:
-    raise RuntimeError(_DOCS_ONLY)
+        params = [inspect.Parameter(p.strip("{}"), inspect.Parameter.KEYWORD_ONLY,
+                                    annotation=str) for p in r.segments if p.startswith("{")]
+        if body is not None:
+            params.append(inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=body))
+        endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        endpoint.__name__ = r.name  # FastAPI makes the operation id from it and the path
+        router.add_api_route(r.template, endpoint, methods=[r.method], summary=r.summary,
+                             response_model=answer, tags=list(tags), responses=errors)
+    return router
 
 
 def create_app(settings: Settings) -> Service:
@@ -216,12 +255,12 @@ def create_app(settings: Settings) -> Service:
         if api.openapi_schema is None:
             api.openapi_schema = get_openapi(
                 title=api.title, version=api.version, description=api.description,
-                routes=[*_predict_docs.routes, *api.routes],
+                routes=[*_docs_router().routes, *api.routes],
             )
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return Service(api, rt)
+    return Service(api, rt, __version__)
 
 
 def create_app_from_env() -> Service:

@@ -196,3 +196,111 @@ class ModelInfo(BaseModel):
         None, description="The last attempt to load a changed model file (BNSERVE_RELOAD_SECONDS "
         "or SIGHUP) in the worker that answered; null if none.",
     )
+
+
+# ------------------------------------------------------------ the Open Inference Protocol (V2)
+# Field names and types as in its OpenAPI description (open_inference_rest.yaml).
+
+V2Data = TypeAliasType("V2Data", "float | int | list[V2Data]")
+
+
+class V2Error(BaseModel):
+    model_config = _STRICT
+    error: str = Field(description="What is wrong, and what a valid request looks like.")
+
+
+class V2ServerMetadata(BaseModel):
+    model_config = _STRICT
+    name: str
+    version: str
+    extensions: list[str] = Field(description="binary_tensor_data: binary inputs and outputs.")
+
+
+class V2Live(BaseModel):
+    model_config = _STRICT
+    live: bool
+
+
+class V2Ready(BaseModel):
+    model_config = _STRICT
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    model_config = _STRICT
+    name: str
+    ready: bool
+
+
+class V2Tensor(BaseModel):
+    model_config = _STRICT
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 for the batch dimension.")
+
+
+class V2ModelMetadata(BaseModel):
+    model_config = _STRICT
+    name: str = Field(description="The model file's stem, or BNSERVE_MODEL_NAME.")
+    versions: list[str] = Field(description="The model version served (GET /model).")
+    platform: str
+    inputs: list[V2Tensor]
+    outputs: list[V2Tensor]
+
+
+class V2Parameters(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    binary_data_size: int | None = Field(
+        None, description="Bytes of this tensor's little-endian binary data after the JSON "
+        "header (the Inference-Header-Content-Length header gives the header's length).")
+    binary_data: bool | None = Field(None, description="On a requested output: answer it as "
+                                     "binary data.")
+    binary_data_output: bool | None = Field(None, description="On the request: answer every "
+                                            "output as binary data.")
+
+
+class V2InputTensor(BaseModel):
+    model_config = _STRICT
+    name: str = Field(description="'features'")
+    shape: list[int] = Field(description="[N, *input_shape], 1 <= N <= BNSERVE_MAX_BATCH.")
+    datatype: str = Field(description="FP32; FP16, FP64, INT8..INT64 and UINT8..UINT64 when "
+                          "the values fit float32. BOOL and BYTES are refused (400).")
+    parameters: V2Parameters | None = None
+    data: V2Data | None = Field(None, description="Row-major values, flat or nested to `shape`; "
+                                "absent with binary data.")
+
+
+class V2RequestOutput(BaseModel):
+    model_config = _STRICT
+    name: str
+    parameters: V2Parameters | None = None
+
+
+class V2InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"id": "42", "inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32",
+                                 "data": [0.1, 0.2, 0.3]}]},
+    ]})
+    id: str | None = Field(None, description="Echoed in the answer.")
+    parameters: V2Parameters | None = None
+    inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)
+    outputs: list[V2RequestOutput] | None = Field(
+        None, description="The outputs to answer (default: all).")
+
+
+class V2OutputTensor(BaseModel):
+    model_config = _STRICT
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: V2Parameters | None = None
+    data: list[float] | list[int] | None = Field(None, description="Flat, row-major; absent "
+                                                 "for binary data.")
+
+
+class V2InferResponse(BaseModel):
+    model_config = _STRICT
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2OutputTensor]

@@ -1,27 +1,33 @@
-"""The ASGI front of the service: request ids, limits, metrics, access logs, and the fast path.
+"""The ASGI front of the service: the request context, then the routes answered here.
 
-Every HTTP request passes through ``Service``. ``POST /predict`` and ``POST /predict/batch`` are
-answered right here, without FastAPI's routing, request objects or response classes: read the
-body (with the size limit), parse it with orjson, convert it with vectorised checks for the
-model's input shape (app/inputs.py, app/tensors.py), one ONNX Runtime call (or, with adaptive
-batching on, a share of one: app/batching.py), the answer for its output kind (app/answers.py).
-Everything else (health, model metadata, metrics, docs, 404/405) is passed on to the FastAPI app,
-whose OpenAPI schema also documents the two fast routes; HEAD is served wherever GET is (the GET's
-status and headers, no body).
+Every HTTP request passes through ``Service``. Reading top to bottom:
 
-Per request this layer adds: an ``X-Request-ID`` (the client's, if it is sane, else a new one;
-always echoed), a 413 for a Content-Length over the limit, metrics (health and metrics routes
-excluded), one access log line (app/logs.py), and a JSON 500 with the request id for anything
-unexpected, whose traceback is logged. Rarer checks, each only when its header is present or
-its setting is on: a Transfer-Encoding other than chunked is 501 on any route; a body with a
-Content-Encoding other than identity is 415 (bodies are small JSON: refusing compressed ones
-is simpler and safer than a decompressor with its own size limit); with bearer-token auth on
-(app/auth.py), the routes in ``PROTECTED_ROUTES`` answer 401 without a valid token.
+- ``__call__`` is the request context, the same for every route: an ``X-Request-ID`` (the
+  client's, if it is sane, else a new one; always echoed), the route from the one route table
+  (app/routes.py), the checks that need no body (a Transfer-Encoding other than chunked is 501 on
+  any route; bearer-token auth on the routes marked ``protected``; a Content-Length over the limit
+  is 413), metrics by route template (probes and scrapes excluded), one access log line
+  (app/logs.py), and the error answers: a ``ServiceError`` in its protocol's shape
+  (app/errors.py ``render``), anything unexpected a 500 whose traceback is logged.
+- The fast routes (``Route.fast``): bnserve's ``/predict`` and ``/predict/batch`` and all of the
+  Open Inference Protocol's ``/v2`` routes, answered here without FastAPI's routing, request
+  objects or response classes. Predictions take one path, ``_infer``: the protocol's codec
+  decodes the body (app/codecs/), the data plane runs it (app/plane.py: one ONNX Runtime call,
+  or a share of one with adaptive batching), the codec encodes the outputs.
+- Everything else (health, model metadata, metrics, docs) is passed on to the FastAPI app, which
+  also documents the fast routes in its OpenAPI schema. HEAD is served wherever GET is (the
+  GET's status and headers, no body).
 
-An error answered before the request's body was read to its end (anything but the 400/422 of a
-body that was parsed) carries ``Connection: close``: the client may not send that body at all
-(it was refused), and what it sends next must not be read as the rest of it. The protocol then
+A body with a Content-Encoding other than identity is 415 (bodies are small: refusing
+compressed ones is simpler and safer than a decompressor with its own size limit). An error
+answered before the request's body was read to its end (anything but a ``BadInputError`` of a
+body that was read) carries ``Connection: close``: the client may not send that body at all (it
+was refused), and what it sends next must not be read as the rest of it. The protocol then
 closes gracefully (app/protocol.py: the answer is followed by FIN, not RST).
+
+Middleware: wrap the app ``create_app`` returns (``CORSMiddleware(create_app(s), ...)``) and it
+sees every request; middleware added to the inner FastAPI app (``service.api``) sees only the
+routes FastAPI answers, never the fast ones.
 """
 
 from __future__ import annotations
@@ -30,13 +36,15 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import inputs
+from app import routes
 from app.auth import ApiKeys
-from app.batching import Batcher
+from app.codecs import Codec, Headers, bnserve, v2
 from app.errors import (
     INTERNAL_ERROR_MESSAGE,
     REQUEST_ID_KEY,
@@ -49,22 +57,20 @@ from app.errors import (
     ServiceError,
     UnsupportedMediaTypeError,
     UnsupportedTransferCodingError,
-    error_body,
+    render,
 )
 from app.metrics import UNMATCHED_ROUTE
-from app.predictor import Outputs
+from app.plane import DataPlane
 from app.state import Model, Runtime
 
-PREDICT = "/predict"
-PREDICT_BATCH = "/predict/batch"
-PROTECTED_ROUTES = frozenset({PREDICT, PREDICT_BATCH})  # need a bearer token when auth is on
-UNOBSERVED = frozenset({"/livez", "/readyz", "/metrics"})  # not in request metrics
 CLIENT_CLOSED = 499  # nginx's code for "client went away before the answer", logs only
-__all__ = ["PREDICT", "PREDICT_BATCH", "PROTECTED_ROUTES", "REQUEST_ID_KEY", "Service"]
+__all__ = ["REQUEST_ID_KEY", "Service"]
 
 _REQUEST_ID_OK = re.compile(rb"[\x21-\x7e]{1,128}")  # visible ASCII: safe to log and echo
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON = bnserve.JSON_HEADERS
 _CLOSE = (b"connection", b"close")
+Answer = tuple[int, bytes, Headers]  # status, body, headers
+Handler = Callable[["Exchange", dict[str, str], Receive], Awaitable[Answer]]
 
 log = logging.getLogger("bnserve.service")
 
@@ -73,8 +79,47 @@ class _ClientGoneError(Exception):
     pass
 
 
-def _has_body(content_length: bytes | None, transfer_coding: bytes | None) -> bool:
-    return transfer_coding is not None or (content_length is not None and content_length != b"0")
+class NotFoundError(ServiceError):
+    status_code = 404
+
+
+class Exchange:
+    """One request's context: its id, the headers the service acts on, and what was answered."""
+
+    __slots__ = ("content_coding", "content_length", "content_type", "header_length", "method",
+                 "path", "request_id", "rid", "scope", "started", "status", "transfer_coding")
+
+    def __init__(self, scope: Scope, new_id: Callable[[], bytes]) -> None:
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        request_id = self.content_type = self.content_length = self.transfer_coding = None
+        self.content_coding = self.header_length = None
+        for key, value in scope["headers"]:
+            if key == b"x-request-id":
+                request_id = value
+            elif key == b"content-type":
+                self.content_type = value
+            elif key == b"content-length":
+                self.content_length = value
+            elif key == b"transfer-encoding":
+                self.transfer_coding = value
+            elif key == b"content-encoding":
+                self.content_coding = value
+            elif key == v2.HEADER_LENGTH:
+                self.header_length = value
+        if request_id is None or not _REQUEST_ID_OK.fullmatch(request_id):
+            request_id = new_id()
+        self.request_id: bytes = request_id
+        self.rid = request_id.decode()
+        scope[REQUEST_ID_KEY] = self.rid
+        self.status = 500
+        self.started = False  # the response has begun: too late for an error answer
+
+    @property
+    def has_body(self) -> bool:
+        return self.transfer_coding is not None or (
+            self.content_length is not None and self.content_length != b"0")
 
 
 def _check_transfer_coding(value: bytes) -> None:
@@ -92,142 +137,133 @@ def _check_content_coding(value: bytes) -> None:
         raise UnsupportedMediaTypeError(
             f"unsupported Content-Encoding {value.decode(errors='replace')!r}: compressed "
             "bodies are not accepted",
-            expected="an uncompressed JSON body (no Content-Encoding, or identity)",
+            expected="an uncompressed body (no Content-Encoding, or identity)",
         )
 
 
-def _encode(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+def _encode(headers: dict[str, str]) -> Headers:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
+def _json(doc: object, status: int = 200) -> Answer:
+    return status, orjson.dumps(doc), _JSON
+
+
 class Service:
-    def __init__(self, api: ASGIApp, rt: Runtime) -> None:
+    def __init__(self, api: ASGIApp, rt: Runtime, version: str) -> None:
         self.api = api  # the FastAPI app (routes, docs, lifespan)
         self.rt = rt
         self.settings = rt.settings  # also read by the protocol for its limits (app/protocol.py)
+        self.version = version
         self.metrics = rt.metrics
         self.max_body = rt.settings.max_body_bytes
         self.max_batch = rt.settings.max_batch
         self.access_log = rt.access_log
         # New request ids: a random prefix per process and a counter, unique without a syscall
         self._id_prefix, self._ids = os.urandom(4).hex().encode(), itertools.count()
-        self.batcher: Batcher | None = None  # adaptive batching of POST /predict (app/batching.py)
-        s = rt.settings
-        if s.batching:  # runs never exceed max_batch rows: the largest size warm-up checks
-            self.batcher = Batcher(self._run_batch, min(s.batch_max_size, s.max_batch),
-                                   s.batch_max_wait_ms / 1000)
-        self.auth = ApiKeys.from_settings(s)  # None: auth off
+        self.plane = DataPlane(rt)
+        self.model_name = rt.settings.model_name or rt.settings.model_path.stem
+        self.v2 = v2.V2Codec(self.model_name, self.max_batch)
+        handlers: dict[str, Handler] = {
+            "predict": self._predict, "predict_batch": self._predict_batch,
+            "v2_server": self._v2_server, "v2_live": self._v2_live, "v2_ready": self._v2_ready,
+            "v2_model": self._v2_model, "v2_model_ready": self._v2_model_ready,
+            "v2_infer": self._v2_infer,
+        }
+        self._fast = {r.name: handlers[r.name] for r in routes.ROUTES if r.fast}
+        self.auth = ApiKeys.from_settings(rt.settings)  # None: auth off
         if self.auth is not None:
             log.info("bearer-token auth on for %s (%d token(s))",
-                     ", ".join(sorted(PROTECTED_ROUTES)), len(self.auth))
+                     ", ".join(str(r) for r in routes.ROUTES if r.protected), len(self.auth))
+
+    def _new_id(self) -> bytes:
+        return b"%s%08x" % (self._id_prefix, next(self._ids))
+
+    # ---------------------------------------------------------------- the request context
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan (and anything else) belongs to FastAPI
             await self.api(scope, receive, send)
             return
         start = perf_counter()
-        request_id = content_type = content_length = transfer_coding = content_coding = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                request_id = value
-            elif key == b"content-type":
-                content_type = value
-            elif key == b"content-length":
-                content_length = value
-            elif key == b"transfer-encoding":
-                transfer_coding = value
-            elif key == b"content-encoding":
-                content_coding = value
-        if request_id is None or not _REQUEST_ID_OK.fullmatch(request_id):
-            request_id = b"%s%08x" % (self._id_prefix, next(self._ids))
-        rid = request_id.decode()
-        scope[REQUEST_ID_KEY] = rid
-        path: str = scope["path"]
-        observed = path not in UNOBSERVED
+        ex = Exchange(scope, self._new_id)
+        found = routes.match(ex.path)
+        route = found.route(ex.method) if found else None
+        observed = found is None or found.routes[0].observed
+        protocol = route.protocol if route else (
+            "v2" if ex.path.startswith(routes.V2_PREFIX) else "bnserve")
         if observed:
             self.metrics.in_flight.inc()
-        fast = path in (PREDICT, PREDICT_BATCH)
-        status, started = 500, False
-        api_scope = scope  # what FastAPI sees (a GET for a HEAD)
         try:
-            if transfer_coding is not None:
-                _check_transfer_coding(transfer_coding)
-            if self.auth is not None and path in PROTECTED_ROUTES:
+            if ex.transfer_coding is not None:
+                _check_transfer_coding(ex.transfer_coding)
+            if route is None and found is not None:
+                raise MethodNotAllowedError(ex.method, ex.path, found.allowed)
+            if route is None and protocol == "v2":
+                raise NotFoundError(f"no route {ex.path}",
+                                    expected="one of: " + routes.listing())
+            if route is not None and route.protected and self.auth is not None:
                 self.auth.check(scope["headers"])
-            if fast:
-                try:
-                    if content_coding is not None:
-                        _check_content_coding(content_coding)
-                    body = await self._predict(scope, receive, path, content_type, content_length)
-                    status, headers = 200, _JSON_HEADERS
-                except ServiceError as e:
-                    status, body = e.status_code, error_body(e.message, rid, e.expected)
-                    headers = [*_JSON_HEADERS, *_encode(e.headers)]
-                    if not isinstance(e, BadInputError) and _has_body(content_length,
-                                                                      transfer_coding):
-                        headers.append(_CLOSE)  # refused before its body was read to the end
-                started = True
-                await send({"type": "http.response.start", "status": status,
-                            "headers": [*headers, (b"content-length", b"%d" % len(body)),
-                                        (b"x-request-id", request_id)]})
-                await send({"type": "http.response.body", "body": body})
+            if route is not None and route.fast and found is not None:
+                status, body, headers = await self._fast[route.name](ex, found.params, receive)
+                await self._send(send, ex, status, body, headers)
             else:
-                self._check_length(content_length)
-                head = scope["method"] == "HEAD"  # served as GET; the body is left out
-                if head:
-                    api_scope = {**scope, "method": "GET"}
-
-                async def send_with_id(message: Message) -> None:
-                    nonlocal status, started
-                    if message["type"] == "http.response.start":
-                        status, started = message["status"], True
-                        message = {**message, "headers": [*message.get("headers", ()),
-                                                          (b"x-request-id", request_id)]}
-                    elif head:
-                        message = {**message, "body": b""}
-                    await send(message)
-
-                await self.api(api_scope, receive, send_with_id)
+                self._check_length(ex.content_length)
+                await self._pass_on(ex, receive, send)
         except _ClientGoneError:
             # the protocol answered 408 itself when the body stopped coming (app/protocol.py)
-            status = 408 if scope.get(TIMED_OUT_KEY) else CLIENT_CLOSED
-        except ServiceError as e:  # raised here before FastAPI was called: nothing sent yet
-            status = e.status_code
-            await self._send_error(send, request_id, e.status_code, e.message, e.expected,
-                                   e.headers, close=_has_body(content_length, transfer_coding))
+            ex.status = 408 if scope.get(TIMED_OUT_KEY) else CLIENT_CLOSED
+        except ServiceError as e:
+            if not ex.started:
+                status, body = render(protocol, e, ex.rid)
+                close = ex.has_body and not isinstance(e, BadInputError)
+                await self._send(send, ex, status, body, [*_JSON, *_encode(e.headers)], close)
         except Exception:
-            log.exception("internal error while handling %s %s", scope["method"], path,
-                          extra={"fields": {"request_id": rid}})
-            status = 500
-            if not started:  # otherwise FastAPI already answered with the same JSON 500
-                await self._send_error(send, request_id, 500, INTERNAL_ERROR_MESSAGE)
+            log.exception("internal error while handling %s %s", ex.method, ex.path,
+                          extra={"fields": {"request_id": ex.rid}})
+            if not ex.started:  # otherwise FastAPI already answered with the same JSON 500
+                _, body = render(protocol, ServiceError(INTERNAL_ERROR_MESSAGE), ex.rid)
+                await self._send(send, ex, 500, body, _JSON)
+            ex.status = 500
         finally:
             elapsed = perf_counter() - start
-            if observed:
-                # the route template FastAPI matched (it records it in the scope), never raw paths
-                route = path if fast else getattr(api_scope.get("route"), "path",
-                                                  UNMATCHED_ROUTE)
+            if observed:  # the route template, never the raw path
                 self.metrics.in_flight.dec()
-                self.metrics.observe_request(route, status, elapsed)
+                self.metrics.observe_request(found.template if found else UNMATCHED_ROUTE,
+                                             ex.status, elapsed)
             if self.access_log.enabled:
-                self.access_log.log(rid, scope["method"], path, status, elapsed)
+                self.access_log.log(ex.rid, ex.method, ex.path, ex.status, elapsed)
 
-    async def _send_error(
-        self, send: Send, request_id: bytes, status: int, message: str,
-        expected: str | None = None, headers: dict[str, str] | None = None, close: bool = False,
-    ) -> None:
-        body = error_body(message, request_id.decode(), expected)
+    async def _send(self, send: Send, ex: Exchange, status: int, body: bytes, headers: Headers,
+                    close: bool = False) -> None:
+        ex.status, ex.started = status, True
         await send({"type": "http.response.start", "status": status,
-                    "headers": [*_JSON_HEADERS, *_encode(headers or {}),
-                                (b"content-length", b"%d" % len(body)),
-                                (b"x-request-id", request_id), *([_CLOSE] if close else [])]})
-        await send({"type": "http.response.body", "body": body})
+                    "headers": [*headers, (b"content-length", b"%d" % len(body)),
+                                (b"x-request-id", ex.request_id), *([_CLOSE] if close else [])]})
+        await send({"type": "http.response.body",
+                    "body": b"" if ex.method == "HEAD" else body})
+
+    async def _pass_on(self, ex: Exchange, receive: Receive, send: Send) -> None:
+        """To FastAPI, with the request id added to its answer; a HEAD is its GET, bodiless."""
+        head = ex.method == "HEAD"
+        scope = {**ex.scope, "method": "GET"} if head else ex.scope
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                ex.status, ex.started = message["status"], True
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"x-request-id", ex.request_id)]}
+            elif head:
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.api(scope, receive, send_with_id)
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(
             f"the request body is larger than the limit of {self.max_body} bytes",
-            expected=f"a body of at most {self.max_body} bytes (POST /predict/batch takes up to "
-            f"{self.max_batch} instances per request)",
+            expected=f"a body of at most {self.max_body} bytes (up to {self.max_batch} examples "
+            "per request)",
         )
 
     def _check_length(self, content_length: bytes | None) -> None:
@@ -241,49 +277,6 @@ class Service:
             ) from None
         if length > self.max_body:
             raise self._too_large()
-
-    async def _predict(
-        self, scope: Scope, receive: Receive, path: str, content_type: bytes | None,
-        content_length: bytes | None,
-    ) -> bytes:
-        if scope["method"] != "POST":
-            raise MethodNotAllowedError(scope["method"], path, "POST")
-        model = self.rt.model
-        if model is None:
-            raise NotReadyError(self.rt.readiness.reason)
-        if content_type is None or content_type.split(b";", 1)[0].strip().lower() != (
-            b"application/json"
-        ):
-            got = "none" if content_type is None else repr(content_type.decode(errors="replace"))
-            raise UnsupportedMediaTypeError(f"unsupported Content-Type {got}",
-                                       expected="Content-Type: application/json")
-        self._check_length(content_length)  # before a single byte of the body is read
-        batch = path == PREDICT_BATCH
-        x = inputs.parse(await self._read_body(receive), model.batch if batch else model.single)
-        if batch or self.batcher is None:
-            outputs = self._run(model, x)  # one ONNX Runtime call per request
-        else:  # only a parsed, valid example gets here to join a batch
-            outputs = await self.batcher.predict(x)
-            if self.rt.model is not model:  # a reload landed while it waited: the run may have
-                outputs = self._run(model, x)  # used the new model; answer on its own model
-        answer = model.answer(outputs, batch)  # 422 if an output is not finite (app/answers.py)
-        if model.classifier and model is self.rt.model:  # the class counters are the model's
-            self.metrics.count_predictions(outputs[1])
-        return answer
-
-    def _run(self, model: Model, x: inputs.F32) -> Outputs:
-        """Run on the model the request was decoded for and will be answered as: a reload may
-        have switched ``rt.model`` while its body arrived."""
-        t0 = perf_counter()
-        outputs = model.predictor.predict(x)
-        self.metrics.inference_seconds.observe(perf_counter() - t0)
-        return outputs
-
-    def _run_batch(self, x: inputs.F32) -> Outputs:
-        self.metrics.batch_size.observe(len(x))
-        model = self.rt.model
-        assert model is not None  # a run only holds rows of requests that found a model
-        return self._run(model, x)
 
     async def _read_body(self, receive: Receive) -> bytes:
         """The whole body, counting bytes as they arrive (chunked bodies have no length)."""
@@ -300,3 +293,70 @@ class Service:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    # ---------------------------------------------------------------- predictions
+
+    async def _infer(self, ex: Exchange, receive: Receive, model: Model | None,
+                     codec: Codec) -> Answer:
+        """Decode, run, encode: every protocol's predictions take this one path."""
+        if model is None:
+            raise NotReadyError(self.rt.readiness.reason)
+        codec.check_content_type(ex.content_type)
+        if ex.content_coding is not None:
+            _check_content_coding(ex.content_coding)
+        self._check_length(ex.content_length)  # before a single byte of the body is read
+        body = await self._read_body(receive)
+        decoded = codec.decode(model, body, ex.header_length)
+        outputs = await self.plane.infer(model, decoded.x, decoded.single)
+        answer, headers = codec.encode(model, outputs, decoded)
+        self.plane.answered(model, outputs)
+        return 200, answer, headers
+
+    async def _predict(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        return await self._infer(ex, receive, self.rt.model, bnserve.SINGLE)
+
+    async def _predict_batch(self, ex: Exchange, params: dict[str, str],
+                             receive: Receive) -> Answer:
+        return await self._infer(ex, receive, self.rt.model, bnserve.BATCH)
+
+    # ---------------------------------------------------------------- the Open Inference Protocol
+
+    def _v2_served(self, params: dict[str, str]) -> Model | None:
+        """The model the path names, if it is this one (404 if not); None while not loaded."""
+        name = params["model_name"]
+        if name != self.model_name:
+            raise NotFoundError(f"model {name!r} is not served here; this server serves "
+                                f"{self.model_name!r}",
+                                expected=f"GET /v2/models/{self.model_name}")
+        model = self.rt.model
+        version = params.get("model_version")
+        if version is not None and model is not None and version != model.version:
+            raise NotFoundError(f"model {name!r} has no version {version!r}; the version "
+                                f"served is {model.version!r}",
+                                expected=f"/v2/models/{name}/versions/{model.version}, or "
+                                f"/v2/models/{name} for whichever version is served")
+        return model
+
+    async def _v2_infer(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        return await self._infer(ex, receive, self._v2_served(params), self.v2)
+
+    async def _v2_server(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        return _json(v2.server_metadata(self.version))
+
+    async def _v2_live(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        return _json({"live": True})
+
+    async def _v2_ready(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        ready = self.rt.readiness.ready
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def _v2_model(self, ex: Exchange, params: dict[str, str], receive: Receive) -> Answer:
+        model = self._v2_served(params)
+        if model is None:
+            raise NotReadyError(self.rt.readiness.reason)
+        return _json(v2.model_metadata(self.model_name, model))
+
+    async def _v2_model_ready(self, ex: Exchange, params: dict[str, str],
+                              receive: Receive) -> Answer:
+        ready = self._v2_served(params) is not None and self.rt.readiness.ready
+        return _json({"name": self.model_name, "ready": ready}, 200 if ready else 503)

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         default=Path("models/default.onnx"),
         description="ONNX file written by bnserve-export (relative paths are from the cwd).",
     )
+    model_name: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="The model's name in the Open Inference Protocol's routes "
+        "(/v2/models/<name>); default: the model file's name without .onnx.",
+    )
     host: str = Field(
         default="127.0.0.1",
         description="Interface to listen on; a container sets 0.0.0.0.",

@@ -81,14 +81,14 @@ def _instance(i: int) -> str:
 def _examples(examples: list[Any], spec: ShapeSpec, where: Callable[[int], str]) -> F32:
     x64 = _numbers(examples, spec.shape)
     if x64 is None:  # level by level: the numbers (big integers, say), or what is wrong
-        leaves = _leaves(examples, spec.shape)
-        if leaves is None:
+        numbers = leaves(examples, spec.shape)
+        if numbers is None:
             for i, value in enumerate(examples):
-                error = _describe(value, spec, where(i))
+                error = describe(value, spec, where(i))
                 if error is not None:
                     raise error
-            raise AssertionError("_leaves refused examples in which _describe finds no error")
-        x64 = float64_array(leaves).reshape(len(examples), *spec.shape)
+            raise AssertionError("leaves refused examples in which describe finds no error")
+        x64 = float64_array(numbers).reshape(len(examples), *spec.shape)
     return _float32(x64, where)
 
 
@@ -97,19 +97,19 @@ def _numbers(examples: list[Any], shape: tuple[int, ...]) -> NDArray[np.float64]
     else None. numpy refuses ragged nesting, and makes a string array of strings and an object
     array of null, objects and integers beyond 64 bits; the one thing it lets through is a
     boolean among numbers (as 0 or 1), so only where a 0 or 1 appears are the leaves' types
-    checked (``_leaves``, about 0.03 us per number)."""
+    checked (``leaves``, about 0.03 us per number)."""
     try:
         x = np.array(examples)
     except ValueError:  # ragged
         return None
     if x.shape != (len(examples), *shape) or x.dtype.kind not in "fiu":
         return None
-    if ((x == 0) | (x == 1)).any() and _leaves(examples, shape) is None:
+    if ((x == 0) | (x == 1)).any() and leaves(examples, shape) is None:
         return None
     return x.astype(np.float64, copy=False)
 
 
-def _leaves(examples: list[Any], shape: tuple[int, ...]) -> list[Any] | None:
+def leaves(examples: list[Any], shape: tuple[int, ...]) -> list[Any] | None:
     """All numbers of these examples in order, if each is a nesting of lists of exactly this
     shape holding only JSON numbers; otherwise None."""
     level = examples
@@ -143,14 +143,14 @@ def _path(position: Sequence[int]) -> str:
 # ---------------------------------------------------------------- the error path only
 
 
-def _describe(value: object, spec: ShapeSpec, where: str) -> BadInputError | None:
+def describe(value: object, spec: ShapeSpec, where: str) -> BadInputError | None:
     """The first thing wrong with one example, or None if nothing is."""
     p = prefix(where)
     if type(value) is not list:
         by_name = " (by name only for models with 1-D examples)" if type(value) is dict else ""
         return BadInputError(
             f"{p}features must be nested lists of numbers of shape {spec.shown}, got "
-            f"{_kind(value)}{by_name}",
+            f"{json_kind(value)}{by_name}",
             expected=spec.expected_features,
         )
     got = _regular_shape(value)
@@ -166,7 +166,7 @@ def _shape_text(shape: list[int]) -> str:
     return f"[{', '.join(map(str, shape[:_MAX_DIMS_SHOWN]))}, ...] ({len(shape)} dimensions)"
 
 
-def _kind(value: object) -> str:
+def json_kind(value: object) -> str:
     """``kind``, with JSON's one number type: "a number (5)", not Python's int or float."""
     return f"a number ({value!r})" if type(value) in NUMBER_TYPES else kind(value)
 
@@ -212,7 +212,7 @@ def _not_a_list_of(
 ) -> BadInputError | None:
     if type(value) is not list:
         return BadInputError(
-            f"{p}{_path(position)} is {_kind(value)}; expected a list of {n} values",
+            f"{p}{_path(position)} is {json_kind(value)}; expected a list of {n} values",
             expected=spec.expected_features,
         )
     if len(value) != n:

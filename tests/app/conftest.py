@@ -179,6 +179,34 @@ def client(make_client: MakeClient) -> TestClient:
 StartServer = Callable[..., Server]
 
 
+def start_process(model_path: Path, workdir: Path, **env_settings: Any) -> Server:
+    """A running bnserve-serve on 127.0.0.1 and a free port, serving ``model_path`` (not waited
+    for); ``env_settings`` are ``BNSERVE_*`` names or setting names. The caller stops it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("BNSERVE_") and k not in _ISOLATED_ENV}
+    env.update({"BNSERVE_MODEL_PATH": str(model_path), "BNSERVE_PORT": str(port),
+                "BNSERVE_HOST": "127.0.0.1", "BNSERVE_LOG_FORMAT": "json"})
+    env.update({(k if k.startswith("BNSERVE_") else f"BNSERVE_{k.upper()}"): str(v)
+                for k, v in env_settings.items()})
+    log_path = workdir / f"server-{port}.log"
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(serve_command(), env=env, cwd=workdir, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return Server(proc, port, log_path)
+
+
+def stop(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(5)
+
+
 @pytest.fixture
 def start_server(trained: Trained, tmp_path: Path) -> Iterator[StartServer]:
     """``start_server(**settings)`` -> a running bnserve-serve (not waited for); every process
@@ -186,32 +214,14 @@ def start_server(trained: Trained, tmp_path: Path) -> Iterator[StartServer]:
     servers: list[Server] = []
 
     def start(**settings: Any) -> Server:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("BNSERVE_") and k not in _ISOLATED_ENV}
-        env.update({"BNSERVE_MODEL_PATH": str(trained.path), "BNSERVE_PORT": str(port),
-                    "BNSERVE_HOST": "127.0.0.1", "BNSERVE_LOG_FORMAT": "json"})
-        env.update({f"BNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
-        log_path = tmp_path / f"server-{len(servers)}.log"
-        with log_path.open("wb") as out:
-            proc = subprocess.Popen(serve_command(), env=env, cwd=tmp_path, stdout=out,
-                                    stderr=subprocess.STDOUT)
-        server = Server(proc, port, log_path)
+        model = settings.pop("model_path", trained.path)
+        server = start_process(model, tmp_path, **settings)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
-        if server.proc.poll() is None:
-            server.proc.send_signal(signal.SIGTERM)
-            try:
-                server.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(5)
-
-
-
+        stop(server)
 
 
 # ---------------------------------------------------------------- models of any contract shape

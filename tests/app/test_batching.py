@@ -182,8 +182,8 @@ def test_a_lone_request_runs_at_once_whatever_max_wait_says(trained: Trained) ->
 
     lone, alone, app = asyncio.run(run())
     assert lone == alone
-    assert app.batcher is not None
-    assert app.batcher.timers_armed == 0  # never held for max_wait
+    assert app.plane.batcher is not None
+    assert app.plane.batcher.timers_armed == 0  # never held for max_wait
     sizes = batch_sizes(app)
     assert (sizes["count"], sizes["le=1"]) == (3, 3)  # each ran alone, at once
 
@@ -202,8 +202,8 @@ def test_max_wait_holds_a_queue_that_has_company_and_answers_stay_exact(
 
     out, alone, app = asyncio.run(run())
     assert out == alone
-    assert app.batcher is not None
-    assert app.batcher.timers_armed >= 1
+    assert app.plane.batcher is not None
+    assert app.plane.batcher.timers_armed >= 1
     sizes = batch_sizes(app)
     assert sizes["sum"] == 12
     assert sizes["count"] < 6
