@@ -3,7 +3,8 @@
 wrk is C with an event loop per thread; one thread keeps 64 connections busy at well over the
 ceiling's rate, so it is not the bottleneck, and a single thread leaves the other core of a
 2-core machine to the server. The Lua script cycles through real request bodies (validation
-rows), pre-formatted once, and its ``done`` hook prints the summary and latency percentiles.
+rows; JSON, or binary tensor data with its own headers), pre-formatted once, and its ``done``
+hook prints the summary and latency percentiles.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +59,38 @@ def ensure_wrk() -> str:
     return found
 
 
-def write_script(path: Path, bodies: list[bytes], route: str = "/predict") -> Path:
-    """A wrk script posting ``bodies`` in turn, each in a Lua long string of level 2: nested JSON
-    lists end in ']]', which would close a level-0 one."""
-    assert all(b"]==]" not in b for b in bodies)
-    items = ",\n".join(f"[==[{b.decode()}]==]" for b in bodies)
+@dataclass(frozen=True)
+class Body:
+    """One request: its body and its own headers (wrk adds Host and Content-Length)."""
+
+    data: bytes
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"),)
+
+
+# Lua quoted-string escapes: printable ASCII stays as it is but for " and \, every other byte
+# becomes a three-digit decimal escape (three digits, so a digit after it is never read into it).
+_LUA_ESCAPES = {b: f"\\{b:03d}" for b in range(256) if not 32 <= b < 127}
+_LUA_ESCAPES |= {ord('"'): '\\"', ord("\\"): "\\\\"}
+
+
+def lua_string(data: bytes) -> str:
+    """``data`` as a Lua string literal that reads back as exactly these bytes. Not a long
+    string ([==[ ]==]): Lua turns a CR LF in one into LF and drops a leading newline, and any
+    level of ``=`` can occur in binary tensor data."""
+    return '"' + data.decode("latin-1").translate(_LUA_ESCAPES) + '"'
+
+
+def _lua_table(headers: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ", ".join(f"[{lua_string(k.encode())}] = {lua_string(v.encode())}"
+                           for k, v in headers) + "}"
+
+
+def write_script(path: Path, bodies: Sequence[bytes | Body], route: str = "/predict") -> Path:
+    """A wrk script posting ``bodies`` to ``route`` in turn, each pre-formatted once with its
+    own headers; a plain ``bytes`` body is sent as JSON."""
+    items = ",\n".join(
+        f"{{{lua_string(b.data)}, {_lua_table(b.headers)}}}"
+        for b in (x if isinstance(x, Body) else Body(x) for x in bodies))
     path.write_text(f"""local bodies = {{
 {items}
 }}
@@ -69,14 +98,14 @@ local reqs = {{}}
 local i = 0
 init = function(args)
   for k, b in ipairs(bodies) do
-    reqs[k] = wrk.format("POST", "{route}", {{["Content-Type"] = "application/json"}}, b)
+    reqs[k] = wrk.format("POST", {lua_string(route.encode())}, b[2], b[1])
   end
 end
 request = function()
   i = i % #reqs + 1
   return reqs[i]
 end
-{_LUA_DONE}""")
+{_LUA_DONE}""", encoding="ascii")
     return path
 
 

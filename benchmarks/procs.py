@@ -68,6 +68,7 @@ class Server:
     env: dict[str, str]
     log: Path
     workers: int = 1
+    ready_path: str = "/readyz"  # answers 200 once the server can serve
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     ready_seconds: float = 0.0
@@ -77,7 +78,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start and wait for GET /readyz 200; ``ready_seconds`` is process start to ready."""
+        """Start and wait for GET ``ready_path`` 200; ``ready_seconds`` is process start to
+        ready."""
         env = {**os.environ, **self.env}
         argv = [a.replace("{port}", str(self.port)) for a in self.argv]
         t0 = time.perf_counter()
@@ -88,7 +90,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as r:
                     if r.status == 200:
                         self.ready_seconds = time.perf_counter() - t0
                         break
@@ -98,7 +100,7 @@ class Server:
         else:
             self.stop()
             raise RuntimeError(f"{self.name} not ready in {timeout} s")
-        if self.workers > 1:  # /readyz answered by one worker: wait until all are up
+        if self.workers > 1:  # ready answered by one worker: wait until all are up
             while len(self.workers_pids()) < self.workers and time.perf_counter() < deadline:
                 time.sleep(0.05)
             time.sleep(1.0)  # and for the others to finish loading their model

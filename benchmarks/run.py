@@ -1,7 +1,9 @@
 """``make bench``: bnserve's POST /predict against the stack's ceiling, a naive wrapper and the
 floor, at concurrency 1, 16 and 64, with and without adaptive batching, 1 and 2 workers, on the
-default model, a wide one and an image model (a small ResNet imported from PyTorch). Writes
-reports/bench.json and prints the tables and the targets.
+default model, a wide one and an image model (a small ResNet imported from PyTorch); and its Open
+Inference Protocol (V2) endpoint, JSON and binary, against /predict and against KServe's own
+Python model server on the same ONNX file (in a venv of its own: benchmarks/kserve_env.py).
+Writes reports/bench.json and prints the tables and the targets.
 
 All servers run at once on 127.0.0.1 (idle ones cost nothing) and are measured in rounds, each
 round visiting every target in a rotated order, so drift (thermal, noisy neighbours) hits all
@@ -28,6 +30,7 @@ from typing import Any
 
 import floor
 import image_model
+import kserve_env
 import loadgen
 import numpy as np
 import orjson
@@ -50,6 +53,8 @@ class Target:
     model: str  # "default" or "wide"
     label: str
     server: Server
+    path: str = "/predict"  # the route its script posts to
+    script: str = ""  # its wrk script's key, when not the model's (/predict) one
 
 
 @dataclass
@@ -67,6 +72,29 @@ class Cell:
 def rows_of(ckpt: Path, n: int) -> list[bytes]:
     _, _, x, _ = checkpoint.load(ckpt)
     return [orjson.dumps({"features": [float(v) for v in row]}) for row in x[:n]]
+
+
+def v2_rows_of(ckpt: Path, n: int, binary: bool) -> list[loadgen.Body]:
+    """The same rows as rows_of, as Open Inference Protocol requests (POST
+    /v2/models/<name>/infer). JSON: the numbers as rows_of writes them, Content-Type
+    application/json, outputs answered in JSON. Binary: what tritonclient (2.73) sends for a
+    binary input when the caller names no output: no Content-Type, the JSON header's length in
+    Inference-Header-Content-Length, the row's float32 bytes (little-endian) after the header,
+    and every output asked for in binary ("binary_data_output": true)."""
+    _, _, x, _ = checkpoint.load(ckpt)
+    bodies = []
+    for row in x[:n]:
+        tensor: dict[str, Any] = {"name": "features", "shape": [1, len(row)], "datatype": "FP32"}
+        if not binary:
+            tensor["data"] = [float(v) for v in row]
+            bodies.append(loadgen.Body(orjson.dumps({"inputs": [tensor]})))
+            continue
+        data = np.asarray(row, dtype="<f4").tobytes()
+        tensor["parameters"] = {"binary_data_size": len(data)}
+        head = orjson.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}})
+        bodies.append(loadgen.Body(head + data,
+                                   (("Inference-Header-Content-Length", str(len(head))),)))
+    return bodies
 
 
 def bnserve(name: str, model: Path, log_dir: Path, workers: int = 1,
@@ -87,9 +115,18 @@ def script_server(name: str, script: str, log_dir: Path, model: Path | None = No
     return Server(name, argv, {}, log_dir / f"{name.replace('/', '_')}.log")
 
 
+def kserve(name: str, python: Path, model: Path, log_dir: Path) -> Server:
+    """KServe's model server (benchmarks/servers/kserve_onnx.py) in its own venv's ``python``,
+    serving ``model`` as /v2/models/<file stem>, as bnserve names it."""
+    argv = [str(python), str(SERVERS / "kserve_onnx.py"), "--http_port", "{port}",
+            "--enable_grpc", "false", "--model_name", model.stem, "--model_path", str(model)]
+    return Server(name, argv, {}, log_dir / f"{name.replace('/', '_')}.log",
+                  ready_path=f"/v2/models/{model.stem}/ready")
+
+
 def measure_cell(wrk: str, t: Target, script: Path, c: int, seconds: int,
                  warmup: int) -> dict[str, float]:
-    url = t.server.url + "/predict"
+    url = t.server.url + t.path
     loadgen.run(wrk, url, script, c, warmup)
     cpu0 = t.server.cpu()
     r = loadgen.run(wrk, url, script, c, seconds)
@@ -138,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell")
     p.add_argument("--memory-requests", type=int, default=200_000)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
+    p.add_argument("--kserve-venv", type=Path, default=kserve_env.VENV,
+                   help="KServe's own venv, made on first use")
     args = p.parse_args(argv)
     for key in list(os.environ):  # the servers' settings are this script's, not the caller's
         if key.startswith("BNSERVE_") or key == "PROMETHEUS_MULTIPROC_DIR":
@@ -145,25 +184,35 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     started = time.time()
     wrk = loadgen.ensure_wrk()
+    kserve_python, kserve_install = kserve_env.ensure(args.kserve_venv)
+    kserve_versions = kserve_env.versions(kserve_python)
+    print("KServe venv: " + ", ".join(f"{k} {v}" for k, v in kserve_versions.items()),
+          flush=True)
     default_model = ROOT / "models" / "default.onnx"
+    v2_path = f"/v2/models/{default_model.stem}/infer"
+    default_ckpt = ROOT / "models" / "default.ckpt"
     wide = wide_model.build(ROOT / "models")
     image = image_model.build(ROOT / "models")
     image_rows = image_model.rows()
     work = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
     scripts = {
-        "default": loadgen.write_script(work / "default.lua",
-                                        rows_of(ROOT / "models" / "default.ckpt", 113)),
+        "default": loadgen.write_script(work / "default.lua", rows_of(default_ckpt, 113)),
+        "default-v2-json": loadgen.write_script(
+            work / "default-v2-json.lua", v2_rows_of(default_ckpt, 113, binary=False), v2_path),
+        "default-v2-binary": loadgen.write_script(
+            work / "default-v2-binary.lua", v2_rows_of(default_ckpt, 113, binary=True), v2_path),
         "wide": loadgen.write_script(work / "wide.lua", rows_of(wide.with_suffix(".ckpt"), 100)),
         "image": loadgen.write_script(work / "image.lua", image_rows),
     }
     print("floor: ONNX Runtime run() for one example, in-process", flush=True)
     floors = {
-        "default": floor.measure(default_model, checkpoint.load(ROOT / "models/default.ckpt")[2]),
+        "default": floor.measure(default_model, checkpoint.load(default_ckpt)[2]),
         "wide": floor.measure(wide, checkpoint.load(wide.with_suffix(".ckpt"))[2]),
         "image": floor.measure(image, np.load(image_model.FIXTURE / "resnet_basic.inputs.npy")),
     }
     print("image model: where one request's time goes, in-process", flush=True)
     image_split = image_model.time_split(image, image_rows)
+    bnserve_default = bnserve("bnserve", default_model, work)
     targets_ = [
         Target("default/bare", "default", "bare ASGI (ceiling)",
                script_server("bare", "bare_asgi.py", work)),
@@ -172,8 +221,14 @@ def main(argv: list[str] | None = None) -> int:
                script_server("bare-stock", "bare_asgi.py", work, stock_http=True)),
         Target("default/naive", "default", "naive FastAPI",
                script_server("naive", "naive_fastapi.py", work, default_model)),
-        Target("default/bnserve", "default", "bnserve",
-               bnserve("bnserve", default_model, work)),
+        Target("default/bnserve", "default", "bnserve", bnserve_default),
+        # The Open Inference Protocol on the same server process, and KServe's own server.
+        Target("default/bnserve-v2-json", "default", "bnserve V2 JSON", bnserve_default,
+               v2_path, "default-v2-json"),
+        Target("default/bnserve-v2-binary", "default", "bnserve V2 binary", bnserve_default,
+               v2_path, "default-v2-binary"),
+        Target("default/kserve", "default", "KServe python server (V2 JSON)",
+               kserve("kserve", kserve_python, default_model, work), v2_path, "default-v2-json"),
         Target("default/bnserve+batching", "default", "bnserve, batching",
                bnserve("bnserve-batching", default_model, work, batching=True)),
         # The same server twice: how far two identical cells differ is this machine's noise.
@@ -197,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     servers: dict[str, dict[str, Any]] = {}
     try:
         for t in targets_:
+            if t.server.proc is not None:
+                continue  # another target on a server already started
             t.server.start()
             servers[t.key] = {"ready_seconds": t.server.ready_seconds,
                               "rss_ready_mib": t.server.rss(), "workers": t.server.workers}
@@ -206,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             for c in CONCURRENCY:
                 shift = r % len(targets_)
                 for t in targets_[shift:] + targets_[:shift]:
-                    cell = measure_cell(wrk, t, scripts[t.model], c, args.seconds, args.warmup)
+                    cell = measure_cell(wrk, t, scripts[t.script or t.model], c, args.seconds,
+                                        args.warmup)
                     rounds.setdefault((t.key, c), []).append(cell)
                     print(f"round {r + 1}/{args.rounds} c={c:<3} {t.key:<28} "
                           f"{cell['rps']:9.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
@@ -231,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True,
                               check=False).stdout.strip().splitlines()[0],
         "labels": {t.key: t.label for t in targets_},
+        "kserve": {"venv": str(args.kserve_venv), "versions": kserve_versions,
+                   "install_seconds": kserve_install},
         "floor": floors, "image_time_split_us": image_split, "servers": servers,
         "cells": [asdict(c) for c in cells],
         "memory": memory, "cold_start_seconds": colds,

@@ -11,6 +11,8 @@ import statistics
 from typing import Any
 
 MEMORY_FLAT_MIB = 5.0  # RSS growth over the memory run still called flat (allocator noise)
+V2_JSON, V2_BINARY = "default/bnserve-v2-json", "default/bnserve-v2-binary"
+KSERVE = "default/kserve"  # KServe's own Python server, V2 JSON, the same ONNX file
 
 
 def cell(result: dict[str, Any], key: str, c: int) -> dict[str, Any]:
@@ -30,9 +32,14 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target: what it asks, what was measured, met or not."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, measured: float, limit: float, at_least: bool, unit: str = "") -> None:
-        met = measured >= limit if at_least else measured <= limit
-        out.append({"target": name, "limit": f"{'>=' if at_least else '<='} {limit:g}{unit}",
+    def add(name: str, measured: float, limit: float, at_least: bool, unit: str = "",
+            strict: bool = False) -> None:
+        if at_least:
+            met = measured > limit if strict else measured >= limit
+        else:
+            met = measured < limit if strict else measured <= limit
+        op = (">" if at_least else "<") + ("" if strict else "=")
+        out.append({"target": name, "limit": f"{op} {limit:g}{unit}",
                     "measured": round(measured, 4), "unit": unit, "met": met})
 
     bn, bnb = "default/bnserve", "default/bnserve+batching"
@@ -57,6 +64,12 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
         p99 = cell(result, f"{model}/bnserve+batching", 64)["p99_ms"]
         add(f"batching, c=64 p99 vs unbatched ({model})",
             p99 / cell(result, f"{model}/bnserve", 64)["p99_ms"], 2.0, False, "x")
+    # Issue 11: the Open Inference Protocol as fast as /predict, and well ahead of KServe's server
+    add("V2 JSON, c=16 req/s vs /predict", _ratio(result, V2_JSON, bn, 16), 0.9, True, "x")
+    add("V2 binary, c=16 req/s vs /predict", _ratio(result, V2_BINARY, bn, 16), 0.9, True, "x")
+    add("V2 JSON, c=16 req/s vs KServe", _ratio(result, V2_JSON, KSERVE, 16), 4.0, True, "x")
+    add("V2 JSON, c=16 p99 vs KServe's", cell(result, V2_JSON, 16)["p99_ms"]
+        / cell(result, KSERVE, 16)["p99_ms"], 1.0, False, "x", strict=True)
     return out
 
 
@@ -117,6 +130,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         *_table(result, default, ceiling=True),
         "",
+        *_v2_lines(result),
+        "",
         "Wide model (256 inputs, hidden 1024 x 4), one worker:",
         "",
         *_table(result, wide, ceiling=False),
@@ -165,6 +180,23 @@ def report(result: dict[str, Any]) -> str:
         f"{b['bare_asgi_cpu_us']:.0f} us",
     ]
     return "\n".join(lines)
+
+
+def _v2_lines(result: dict[str, Any]) -> list[str]:
+    """The Open Inference Protocol against /predict (the same server process) and KServe."""
+    k = result["kserve"]
+    v = k["versions"]
+    lines = [f"Open Inference Protocol (V2), default model, against bnserve's /predict and KServe "
+             f"{v['kserve']}'s Python server (fastapi {v['fastapi']}, uvicorn {v['uvicorn']}, "
+             f"pydantic {v['pydantic']}, onnxruntime {v['onnxruntime']}; in {k['venv']}):"]
+    for c in (1, 16, 64):
+        j, ks = cell(result, V2_JSON, c), cell(result, KSERVE, c)
+        lines.append(
+            f"  c={c}: req/s vs /predict: JSON {_ratio(result, V2_JSON, 'default/bnserve', c):.2f}"
+            f", binary {_ratio(result, V2_BINARY, 'default/bnserve', c):.2f}; JSON vs KServe "
+            f"{_ratio(result, V2_JSON, KSERVE, c):.2f}x, p99 {j['p99_ms']:.3f} ms against "
+            f"{ks['p99_ms']:.3f} ms")
+    return lines
 
 
 def _target_line(t: dict[str, Any]) -> str:

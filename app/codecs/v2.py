@@ -25,6 +25,7 @@ error is an ``app.errors.ServiceError``, shaped ``{"error": "..."}`` by app/erro
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ from app.tensors import json_kind as kind
 EXTENSIONS = ("binary_tensor_data",)
 PLATFORM = "onnxruntime_onnx"  # Triton's name for an ONNX model run by ONNX Runtime
 HEADER_LENGTH = b"inference-header-content-length"
+_LITTLE_ENDIAN = sys.byteorder == "little"  # the binary extension's byte order is little endian
 
 # V2 datatype -> numpy dtype (little endian: the binary extension's byte order)
 NUMERIC: dict[str, np.dtype[Any]] = {
@@ -127,7 +129,9 @@ class V2Codec:
             return
         if content_type.split(b";", 1)[0].strip().lower() not in _ACCEPTED_TYPES:
             got = content_type.decode(errors="replace")
-            raise _MediaType(f"unsupported Content-Type {got!r}",
+            hint = (" (curl -d sends it: add -H 'Content-Type: application/json')"
+                    if got.startswith("application/x-www-form-urlencoded") else "")
+            raise _MediaType(f"unsupported Content-Type {got!r}{hint}",
                              expected="no Content-Type, application/json, or "
                              "application/octet-stream with binary tensor data")
 
@@ -230,7 +234,8 @@ class V2Codec:
             doc: dict[str, Any] = {"name": names[i], "datatype": _datatype_of(out.dtype),
                                    "shape": list(out.shape)}
             if binary:
-                blob = out.astype(out.dtype.newbyteorder("<"), copy=False).tobytes()
+                blob = (out if _LITTLE_ENDIAN else out.astype(out.dtype.newbyteorder("<"))
+                        ).tobytes()
                 doc["parameters"] = {"binary_data_size": len(blob)}
                 blobs.append(blob)
             else:
@@ -384,6 +389,8 @@ def _from_json(data: object, dtype: np.dtype[Any], shape: tuple[int, ...], where
 
 def _checked(x: NDArray[Any], dtype: np.dtype[Any], where: str, nested: bool = False) -> F32:
     """As float32, if every value is finite as ``dtype`` and as float32 (integers always are)."""
+    if x.dtype == np.float32 and math.isfinite(x.sum(dtype=np.float64)):
+        return x  # binary FP32, all finite: a float64 sum is not finite iff a value is not
     with np.errstate(over="ignore", invalid="ignore"):
         x32 = x.astype(np.float32)
         if dtype.kind in "iu":
