@@ -8,39 +8,43 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Runtime dependencies only, read from pyproject.toml: this layer is rebuilt only when they change.
+# Runtime dependencies only, from the lock file (exact versions, hash-checked, the same as `make`
+# installs): this layer is rebuilt only when they change. It also holds setuptools and wheel, the
+# build backend that installs bnserve itself below; the final image drops them with pip.
 FROM base AS deps
 WORKDIR /build
-COPY pyproject.toml ./
+COPY requirements/runtime.txt ./requirements/
 RUN python -m venv /opt/venv \
- && python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies']))" > requirements.txt \
- && /opt/venv/bin/python -m pip install -r requirements.txt
+ && /opt/venv/bin/python -m pip install --require-hashes -r requirements/runtime.txt
 
 # The package itself, installed into the same virtual environment. pip leaves compiled bytecode:
 # the runtime user cannot write it (read-only root), and without it every start recompiles.
 FROM deps AS build
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY model_export ./model_export
-RUN /opt/venv/bin/python -m pip install --no-deps .
+RUN /opt/venv/bin/python -m pip install --no-deps --no-build-isolation .
 
-# Train and export the default model (export needs onnx, which the final image does not).
+# Train and export the default model with `make serve`'s locked versions (serve.txt adds onnx,
+# which export needs and the final image does not), so the image serves the file README.md names.
 FROM build AS model
-RUN /opt/venv/bin/python -m pip install --no-compile "onnx>=1.16" \
+COPY requirements/serve.txt ./requirements/
+RUN /opt/venv/bin/python -m pip install --no-compile --require-hashes -r requirements/serve.txt \
  && /opt/venv/bin/bnserve-train --out /build/models/default.ckpt \
  && /opt/venv/bin/bnserve-export --checkpoint /build/models/default.ckpt --out /build/models/default.onnx
 
 # docker compose --profile loadtest: locust with the checkpoint the baked model was exported from,
 # so it can check every answer against the numpy reference. Not part of the runtime image.
 FROM model AS loadtest
-RUN /opt/venv/bin/python -m pip install --no-compile "locust>=2.30"
+COPY requirements/loadtest.txt ./requirements/
+RUN /opt/venv/bin/python -m pip install --no-compile --require-hashes -r requirements/loadtest.txt
 COPY benchmarks/locustfile.py benchmarks/loadtest.py /build/benchmarks/
 ENTRYPOINT ["/opt/venv/bin/python", "/build/benchmarks/loadtest.py", "--checkpoint", "/build/models/default.ckpt"]
 CMD ["--host", "http://bnserve:8000"]
 
 # The runtime environment: no installer left in it.
 FROM build AS venv
-RUN /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools
+RUN /opt/venv/bin/python -m pip uninstall --yes --quiet wheel setuptools pip
 
 # The image users run: the virtual environment, the model, nothing else.
 FROM base AS runtime

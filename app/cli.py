@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (BNSERVE_PORT)")
     p.add_argument("--workers", type=int, help="worker processes (BNSERVE_WORKERS)")
     p.add_argument("--log-level", help="BNSERVE_LOG_LEVEL")
-    p.add_argument("--log-format", choices=["json", "text"], help="BNSERVE_LOG_FORMAT")
+    p.add_argument("--log-format", choices=["auto", "json", "text"], help="BNSERVE_LOG_FORMAT")
     return p
 
 

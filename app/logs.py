@@ -1,5 +1,8 @@
 """Logs: JSON lines (one object per line, for log pipelines) or plain text, all on stdout.
 
+``BNSERVE_LOG_FORMAT=auto`` (the default) picks text when stdout is a terminal and JSON lines
+otherwise (a pipe, a file, a container's log driver); ``json`` or ``text`` force one.
+
 Structured fields travel in ``extra={"fields": {...}}`` and become top-level JSON keys (or
 ``key=value`` pairs in text). The same formatter handles uvicorn's own loggers, so every line the
 service prints has one format.
@@ -18,13 +21,26 @@ import logging.config
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import orjson
 
 ACCESS_LOGGER = "bnserve.access"
 APP_LOGGER = "bnserve"
 _MAX_CACHED = 256  # (method, path, status) combinations whose JSON the access log keeps
+
+
+def resolve_format(fmt: str, stream: TextIO | None = None) -> Literal["json", "text"]:
+    """``auto`` -> ``text`` if ``stream`` (default: sys.stdout) is a terminal, else ``json``."""
+    if fmt in ("json", "text"):
+        return "json" if fmt == "json" else "text"
+    if fmt != "auto":
+        raise ValueError(f"log format {fmt!r}: expected auto, json or text")
+    try:
+        tty = (stream or sys.stdout).isatty()
+    except (AttributeError, ValueError, OSError):  # no stdout, or a closed one
+        tty = False
+    return "text" if tty else "json"
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -70,7 +86,7 @@ class AccessLog:
 
     def __init__(self, level: str, fmt: str, stream: TextIO | None = None) -> None:
         self.enabled = logging.getLevelName(level.upper()) <= logging.INFO
-        self.json = fmt == "json"
+        self.json = resolve_format(fmt, stream) == "json"
         self._stream = stream  # None: whatever sys.stdout is when the lines are written
         self._pid = os.getpid()
         self._pending: list[str] = []
@@ -133,8 +149,9 @@ class AccessLog:
 
 def config_dict(level: str, fmt: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` dict; also given to uvicorn, which applies it in every
-    worker process."""
-    formatter = JsonFormatter if fmt == "json" else TextFormatter
+    worker process (``auto`` is resolved here, against this process's stdout, which the workers
+    share)."""
+    formatter = JsonFormatter if resolve_format(fmt) == "json" else TextFormatter
     lvl = level.upper()
     handler = {"handlers": ["default"], "level": lvl, "propagate": False}
     return {

@@ -1,9 +1,10 @@
 """The app: ``create_app(settings)`` for tests and embedding, ``create_app_from_env`` for uvicorn.
 
-The FastAPI app serves health, model metadata, metrics and docs, and runs the lifespan (model
-loading). It sits behind ``Service`` (app/service.py), which answers the fast routes itself
-(predictions, and the Open Inference Protocol's) and wraps every request with request ids,
-limits, metrics and access logs. Both take their routes from the one table in app/routes.py.
+The FastAPI app serves health, model metadata, metrics and docs (Swagger UI from bnserve itself,
+examples from the model served: app/docs.py), and runs the lifespan (model loading). It sits
+behind ``Service`` (app/service.py), which answers the fast routes itself (predictions, and the
+Open Inference Protocol's) and wraps every request with request ids, limits, metrics and access
+logs. Both take their routes from the one table in app/routes.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import logs, routes, schemas
+from app import docs, logs, routes, schemas
 from app.errors import INTERNAL_ERROR_MESSAGE, NotReadyError, ServiceError, error_body, render
 from app.lifecycle import lifespan
 from app.predictor import ModelInfo
@@ -109,7 +110,7 @@ def model_details(doc: dict[str, Any], info: ModelInfo) -> None:
     doc["runtime"].update(onnxruntime=ort.__version__, providers=["CPUExecutionProvider"])
 
 
-def _add_routes(api: FastAPI, rt: Runtime) -> None:
+def _add_routes(api: FastAPI, rt: Runtime, assets: docs.Assets | None) -> None:
     async def livez() -> Response:
         return _json({"status": "alive"})
 
@@ -133,7 +134,14 @@ def _add_routes(api: FastAPI, rt: Runtime) -> None:
     async def metrics() -> Response:
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
-    endpoints: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
+    async def docs_page(request: Request) -> Response:
+        return docs.page(request.scope.get("root_path", ""), api.openapi_url or "", api.title)
+
+    async def docs_asset(request: Request) -> Response:
+        assert assets is not None
+        return assets.response(request.scope["route"].path)  # the template: one of the files
+
+    endpoints: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {
         "livez": (livez, {"response_model": schemas.Liveness, "tags": ["health"]}),
         "readyz": (readyz, {"response_model": schemas.Readiness, "tags": ["health"],
                             "responses": {503: {"model": schemas.Readiness,
@@ -142,15 +150,19 @@ def _add_routes(api: FastAPI, rt: Runtime) -> None:
                                     "responses": {503: _ERRORS[503]}}),
         "metrics": (metrics, {"tags": ["health"], "response_class": Response,
                               "responses": {200: {"content": {"text/plain": {}}}}}),
+        # not in the OpenAPI document, as FastAPI's own docs_url is not
+        "docs": (docs_page, {"include_in_schema": False}),
+        "docs_asset": (docs_asset, {"include_in_schema": False}),
     }
     for r in routes.ROUTES:
-        if r.fast or r.name in _FASTAPI_OWN:
+        if r.fast or r.name in _FASTAPI_OWN or (r.name in _DOCS and assets is None):
             continue
         endpoint, extra = endpoints[r.name]  # a KeyError here: a route without its handler
         api.add_api_route(r.template, endpoint, methods=[r.method], summary=r.summary, **extra)
 
 
-_FASTAPI_OWN = frozenset({"docs", "openapi"})  # FastAPI's docs_url and openapi_url
+_FASTAPI_OWN = frozenset({"openapi"})  # FastAPI's openapi_url
+_DOCS = frozenset({"docs", "docs_asset"})  # only with BNSERVE_DOCS_ENABLED
 
 
 def _add_error_handlers(api: FastAPI) -> None:
@@ -237,30 +249,46 @@ def _docs_router() -> APIRouter:
 def create_app(settings: Settings) -> Service:
     """The whole service as an ASGI app. It loads the model when its lifespan starts."""
     rt = Runtime(settings)
-    docs = settings.docs_enabled
+    docs_on = settings.docs_enabled
     api = FastAPI(
         title="bnserve",
         version=__version__,
         description="Single-example predictions from a batch-norm network exported to ONNX "
         "(bnserve-export): a classifier or a values model, examples of any fixed shape.",
         lifespan=lifespan(rt),
-        docs_url="/docs" if docs else None,
+        docs_url=None,  # our own /docs (app/docs.py): Swagger UI from here, not from a CDN
         redoc_url=None,
-        openapi_url="/openapi.json" if docs else None,
+        openapi_url="/openapi.json" if docs_on else None,
+        redirect_slashes=False,  # /model/ is a 404 listing the routes, like /predict/, not a 307
     )
-    _add_routes(api, rt)
+    _add_routes(api, rt, docs.Assets.load() if docs_on else None)
     _add_error_handlers(api)
+    service = Service(api, rt, __version__)
+    base: dict[str, Any] = {}
+    # which model the cached document's examples are for (not the model itself: a reference
+    # would keep a replaced model's session alive)
+    built_for: list[tuple[str, str, str] | None] = [None]
 
     def openapi() -> dict[str, Any]:
-        if api.openapi_schema is None:
-            api.openapi_schema = get_openapi(
+        """The document for the model served now: built once, its examples again whenever
+        the model changes (a hot reload may bring another input shape)."""
+        if not base:
+            base.update(get_openapi(
                 title=api.title, version=api.version, description=api.description,
                 routes=[*_docs_router().routes, *api.routes],
-            )
+            ))
+        model = rt.model
+        info = None if model is None else model.predictor.info
+        key = None if info is None else (info.model_version, info.sha256, info.loaded_at)
+        if api.openapi_schema is None or built_for[0] != key:
+            s = rt.settings
+            api.openapi_schema = docs.with_examples(base, info, service.model_name, s.max_batch,
+                                                    s.max_body_bytes)
+            built_for[0] = key
         return api.openapi_schema
 
     api.openapi = openapi  # type: ignore[method-assign]
-    return Service(api, rt, __version__)
+    return service
 
 
 def create_app_from_env() -> Service:

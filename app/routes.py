@@ -7,6 +7,10 @@ marked ``protected``, and metrics label requests with their ``template`` (never 
 ``/v2/models/default/infer`` counts as ``/v2/models/{model_name}/infer``), except the probes and
 the scrape (``observed=False``), which are not counted at all.
 
+The documentation (``/docs``, ``/openapi.json``, and Swagger UI's own files under
+``/docs/assets/``: a fixed set, one route each, so a made-up file name is a 404 counted as
+``unmatched``) is answered by the FastAPI app, and only when BNSERVE_DOCS_ENABLED is on.
+
 Two protocols: bnserve's own JSON (``/predict``, ``/predict/batch``) and the Open Inference
 Protocol's REST binding ("V2", ``/v2/...``: app/v2.py). Their errors differ in shape only
 (app/errors.py).
@@ -41,6 +45,9 @@ class Route:
 
 _V2_MODEL = "/v2/models/{model_name}"
 _V2_VERSION = "/v2/models/{model_name}/versions/{model_version}"
+DOCS_ASSETS = "/docs/assets/"
+# Swagger UI's files that /docs loads (vendored in app/static/swagger-ui/, see SOURCE.md there)
+DOCS_FILES = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png")
 
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/predict", "predict", "Predict one example", fast=True, protected=True),
@@ -54,7 +61,9 @@ ROUTES: tuple[Route, ...] = (
           "the reason before that and from the moment shutdown begins", observed=False),
     Route("GET", "/metrics", "metrics", "Prometheus text format, aggregated over all workers",
           observed=False),
-    Route("GET", "/docs", "docs", "This documentation (Swagger UI)"),
+    Route("GET", "/docs", "docs", "This documentation (Swagger UI, served from here: no CDN)"),
+    *(Route("GET", DOCS_ASSETS + name, "docs_asset", f"Swagger UI's {name}, for /docs")
+      for name in DOCS_FILES),
     Route("GET", "/openapi.json", "openapi", "The OpenAPI document"),
     # The Open Inference Protocol (app/v2.py): server, health, model metadata and readiness, infer
     Route("GET", "/v2", "v2_server", "Server metadata: name, version, extensions",

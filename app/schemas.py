@@ -2,6 +2,7 @@
 
 The hot path never builds these models (it parses with orjson and checks with numpy); the tests
 validate real responses against them with ``extra="forbid"``, which keeps the docs truthful.
+The request examples in the OpenAPI document are the served model's (app/docs.py), not here.
 """
 
 from __future__ import annotations
@@ -19,14 +20,7 @@ Nested = TypeAliasType("Nested", "float | list[Nested]")
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [
-            {"features": [14.1, 19.3, 91.9, 654.9, 0.096, 0.104, 0.089, 0.049, 0.181, 0.063,
-                          0.405, 1.217, 2.866, 40.3, 0.007, 0.025, 0.032, 0.012, 0.021, 0.004,
-                          16.3, 25.7, 107.3, 880.6, 0.132, 0.254, 0.272, 0.115, 0.29, 0.084]},
-        ]},
-    )
+    model_config = ConfigDict(extra="forbid")
     features: list[float] | dict[str, float] | list[Nested] = Field(
         description="One example. 1-D examples (GET /model `input_shape` [F]): every feature "
         "value in the order of `feature_names`, or an object mapping each feature name to its "
@@ -277,10 +271,7 @@ class V2RequestOutput(BaseModel):
 
 
 class V2InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"id": "42", "inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32",
-                                 "data": [0.1, 0.2, 0.3]}]},
-    ]})
+    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, description="Echoed in the answer.")
     parameters: V2Parameters | None = None
     inputs: list[V2InputTensor] = Field(min_length=1, max_length=1)

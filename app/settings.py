@@ -54,8 +54,9 @@ class Settings(BaseSettings):
         "chain run in sequential mode, where inter-op threads are never used.",
     )
     max_body_bytes: int = Field(
-        default=64 * 1024, ge=64,
-        description="Largest request body accepted; larger ones get 413 before they are parsed.",
+        default=1024 * 1024, ge=64,
+        description="Largest request body accepted; larger ones get 413 before they are parsed. "
+        "256 instances of the default model by name are about 200 KB of JSON.",
     )
     max_batch: int = Field(
         default=256, ge=1,
@@ -79,8 +80,10 @@ class Settings(BaseSettings):
     log_level: LogLevel = Field(
         default="info", description="critical, error, warning, info or debug."
     )
-    log_format: Literal["json", "text"] = Field(
-        default="json", description="json: one JSON object per line; text: human-readable lines."
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="auto: text when stdout is a terminal, else json; json: one JSON object per "
+        "line; text: human-readable lines.",
     )
     docs_enabled: bool = Field(default=True, description="Serve /docs and /openapi.json.")
     fail_fast: bool = Field(

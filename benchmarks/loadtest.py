@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+VERDICT = "loadtest verdict: "  # the line benchmarks/locustfile.py prints when locust quits
 
 
 def write_requests(checkpoint_path: Path, out: Path) -> None:
@@ -82,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         "BNSERVE_LOADTEST_P99_MS": str(args.p99_ms),
         "BNSERVE_LOADTEST_SUMMARY": str(summary),
     }
-    rc = subprocess.run(cmd, env=env, check=False).returncode
+    rc, verdict = _run_locust(cmd, env)
     if not summary.is_file():
+        for line in verdict:
+            print(line)
         print(f"loadtest: locust exited {rc} without a summary", file=sys.stderr)
         return rc or 1
     s = json.loads(summary.read_text())
@@ -92,7 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{s['rps']:.0f} req/s, p50 {s['p50_ms']:g} ms, p95 {s['p95_ms']:g} ms, "
         f"p99 {s['p99_ms']:g} ms (limit {args.p99_ms:g} ms); reports in {args.reports}/"
     )
+    for line in verdict:  # last, after locust's table (on stderr) and the figures above
+        print(line, flush=True)
     return rc
+
+
+def _run_locust(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Runs locust, passing its output through as it comes except the verdict line, which the
+    locustfile prints as locust quits, before locust prints its summary table: it is returned,
+    to be printed at the end."""
+    verdict: list[str] = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(VERDICT):
+                verdict.append(line.rstrip("\n"))
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return proc.returncode, verdict
 
 
 if __name__ == "__main__":

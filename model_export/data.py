@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -15,6 +16,8 @@ from numpy.typing import NDArray
 
 DEFAULT_DATA_NAME = "breast_cancer.csv"
 DEFAULT_TARGET = "diagnosis"
+DELIMITERS = ",;\t|"  # the separators a CSV file may use; detected from its first lines
+_SNIFF_LINES = 20
 
 
 class DataError(ValueError):
@@ -29,6 +32,7 @@ class Dataset:
     class_names: tuple[str, ...]
     sha256: str  # of the file's bytes
     source: str
+    delimiter: str = ","
 
 
 def default_data_bytes() -> bytes:
@@ -55,12 +59,84 @@ def _class_order(labels: list[str]) -> list[str]:
         return unique
 
 
+def detect_delimiter(text: str) -> str:
+    """The separator of a CSV text, one of ``DELIMITERS``, from its header and first rows
+    (``csv.Sniffer``); ``,`` when it cannot tell (a file of one column, say)."""
+    sample = "".join(itertools.islice(io.StringIO(text), _SNIFF_LINES))
+    try:
+        found = csv.Sniffer().sniff(sample, delimiters=DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+    header = next(csv.reader(io.StringIO(sample), delimiter=found), [])
+    return found if found in DELIMITERS and len(header) > 1 else ","
+
+
+def _separator_hint(header: list[str]) -> str:
+    if len(header) != 1:
+        return ""
+    return (" (the header was read as one column: bnserve reads files separated by ',', ';', "
+            "tab or '|', and detects which from the first lines)")
+
+
+def _text_columns(
+    body: list[list[str]], col: dict[str, int], names: list[str], delimiter: str
+) -> list[str]:
+    """The columns among ``names`` holding a non-empty cell that is not a number (a decimal comma
+    counts as a number here: it gets its own hint)."""
+    found = []
+    for name in names:
+        for row in body:
+            cell = row[col[name]].strip() if col[name] < len(row) else ""
+            if cell and not _is_number(cell) and not (
+                delimiter != "," and _is_number(cell.replace(",", ".", 1))
+            ):
+                found.append(name)
+                break
+    return found
+
+
+def _not_a_number(
+    source: str, line: int, name: str, cell: str, body: list[list[str]], col: dict[str, int],
+    features: list[str], chosen: bool, delimiter: str,
+) -> DataError:
+    """The message for a feature cell that is not a number, with a hint when one fits: a decimal
+    comma, or text columns (ids, names) to leave out with ``--features``."""
+    message = f"{source}: line {line}, column {name!r}: {cell!r} is not a number"
+    if not cell:
+        return DataError(message)
+    if delimiter != "," and _is_number(cell.replace(",", ".", 1)):
+        return DataError(f"{message} (a decimal comma? bnserve reads decimal points: "
+                         f"{cell.replace(',', '.', 1)})")
+    text = _text_columns(body, col, features, delimiter)
+    numeric = [f for f in features if f not in text]
+    if len(text) == 1:
+        what = f"column {text[0]!r} holds text (an id or a name?)"
+    else:
+        what = f"columns {', '.join(map(repr, text))} hold text (ids or names?)"
+    if chosen:
+        advice = f"leave {'it' if len(text) == 1 else 'them'} out of --features"
+    else:
+        advice = ("every column but the target is a feature unless --features names the "
+                  "feature columns")
+    example = f", e.g. --features {','.join(numeric)}" if numeric else ""
+    return DataError(f"{message}: {what}; {advice}{example}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) -> Dataset:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{source}: not UTF-8 text ({e})") from e
-    rows = list(csv.reader(io.StringIO(text)))
+    delimiter = detect_delimiter(text)
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
     if not rows:
         raise DataError(f"{source}: the file is empty")
     header = [h.strip() for h in rows[0]]
@@ -69,12 +145,15 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
         dupes = sorted({h for h in header if header.count(h) > 1})
         raise DataError(f"{source}: duplicate column names: {dupes}")
     if target not in header:
-        raise DataError(f"{source}: target column {target!r} not found; columns are {header}")
+        raise DataError(f"{source}: target column {target!r} not found; columns are {header}"
+                        + _separator_hint(header))
+    chosen = features is not None
     if features is None:
         features = [h for h in header if h != target]
     missing = [f for f in features if f not in header]
     if missing:
-        raise DataError(f"{source}: feature columns not found: {missing}; columns are {header}")
+        raise DataError(f"{source}: feature columns not found: {missing}; columns are {header}"
+                        + _separator_hint(header))
     if target in features:
         raise DataError(f"{source}: the target column {target!r} cannot also be a feature")
     if not features:
@@ -96,9 +175,8 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
             try:
                 value = float(cell)
             except ValueError:
-                raise DataError(
-                    f"{source}: line {line}, column {name!r}: {cell!r} is not a number"
-                ) from None
+                raise _not_a_number(source, line, name, cell, body, col, features, chosen,
+                                    delimiter) from None
             if not math.isfinite(value):
                 raise DataError(
                     f"{source}: line {line}, column {name!r}: {cell!r} is missing or not finite"
@@ -123,6 +201,7 @@ def parse_csv(raw: bytes, target: str, features: list[str] | None, source: str) 
         class_names=tuple(classes),
         sha256=hashlib.sha256(raw).hexdigest(),
         source=source,
+        delimiter=delimiter,
     )
 
 

@@ -6,6 +6,9 @@ Nothing is written unless every check passes:
      validation set stored in the checkpoint, and the predicted labels are the same;
   3. the folded graph and the keep-batchnorm graph agree within ``TOL``;
   4. every validation row predicted alone gives bit-for-bit the output it gets inside the batch.
+
+The metadata holds the first validation rows too (``example_inputs``, exactly the values checked):
+the service's OpenAPI document makes its request examples from them (app/docs.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from model_export import checkpoint, graph, mlp, onnx_import, onnx_verify
+from model_export import checkpoint, graph, mlp, onnx_import, onnx_verify, outputs
 from model_export.batchnorm import Array
 from model_export.mlp import Network
 from model_export.train import DEFAULT_CHECKPOINT
@@ -100,6 +103,11 @@ def export(
 ) -> Exported:
     version = model_version or default_version(net)
     props = metadata(net, meta, version)
+    examples = graph.example_inputs(verify_x)  # rows that every check below runs on
+    if examples is not None:
+        props[graph.EXAMPLES] = examples
+        props[graph.EXAMPLE_SOURCE] = (f"the first {len(examples)} rows of the validation set "
+                                       "export verified on")
     model = graph.build(net, props, folded=folded)
     other = graph.build(net, props, folded=not folded)
     report: list[str] = []
@@ -192,7 +200,12 @@ def _import(args: argparse.Namespace) -> int:
         print(f"bnserve-export: error: {e}", file=sys.stderr)
         print("bnserve-export: nothing written", file=sys.stderr)
         return 2
-    out = args.out or DEFAULT_MODEL.parent / f"{args.from_onnx.stem}-bnserve.onnx"
+    out = args.out or outputs.MODELS_DIR / f"{args.from_onnx.stem}-bnserve.onnx"
+    props = {p.key: p.value for p in onnx.load_from_string(result.model_bytes).metadata_props}
+    if (refused := outputs.refusal(out, outputs.origin_of(props), "model", args.force)):
+        print(f"bnserve-export: error: {refused}", file=sys.stderr)
+        print("bnserve-export: nothing written", file=sys.stderr)
+        return 2
     write_atomic(out, result.model_bytes)
     print(f"folded in {result.fold_seconds:.2f} s")
     print(f"model written: {out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
@@ -212,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="any ONNX model with batch norm (opset >= 9), e.g. from "
                         "torch.onnx.export or tf2onnx: fold, verify and label it")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"default: {DEFAULT_MODEL}; with --from-onnx models/<name>-bnserve.onnx")
+                   help="default: models/<checkpoint name>.onnx (models/default.onnx for the "
+                   "default checkpoint); with --from-onnx models/<name>-bnserve.onnx")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds another model (by default an existing "
+                   "file is replaced only by a model of the same source, features and classes)")
     p.add_argument(
         "--keep-batchnorm",
         action="store_true",
@@ -232,15 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.from_onnx is not None:
         return _import(args)
+    out = args.out or outputs.derived(args.checkpoint, ".onnx")
     try:
         net, meta, verify_x, _ = checkpoint.load(args.checkpoint)
+        if (refused := outputs.refusal(out, outputs.origin_of(meta), "model", args.force)):
+            raise checkpoint.CheckpointError(refused)
         result = export(
             net, meta, verify_x, folded=not args.keep_batchnorm, model_version=args.model_version
         )
     except (checkpoint.CheckpointError, VerificationError, onnx.checker.ValidationError) as e:
         print(f"bnserve-export: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or DEFAULT_MODEL
     write_atomic(out, result.model_bytes)
     print(f"model written: {out}  ({len(result.model_bytes)} bytes, sha256 {result.sha256})")
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from model_export import batchnorm
@@ -34,6 +35,39 @@ INPUT = "features"
 OUTPUT_PROBS = "probabilities"
 OUTPUT_LABEL = "label"
 FORMAT = "bnserve-onnx/1"
+# Metadata: a few of the inputs export verified the file on, as JSON nested lists, and which ones
+# (app/docs.py makes the OpenAPI document's request examples from them).
+EXAMPLES = "example_inputs"
+EXAMPLE_SOURCE = "example_source"
+N_EXAMPLES = 3
+MAX_EXAMPLE_VALUES = 4096  # in all; an example larger than this is not stored (too big for docs)
+
+
+def example_inputs(x: NDArray[Any]) -> list[Any] | None:
+    """The first inputs of ``x`` [n, *shape] (``N_EXAMPLES``, or fewer so that they hold at
+    most ``MAX_EXAMPLE_VALUES`` values) as JSON-ready nested lists whose numbers read back
+    (JSON -> float64 -> float32, as the service reads them) as exactly ``x``'s float32 values:
+    float64 inputs (a CSV's) as they are, float32 ones as the shortest decimals that do. None if
+    one example has more than ``MAX_EXAMPLE_VALUES`` values or a value is not finite in
+    float32."""
+    size = int(np.prod(np.shape(x)[1:]))
+    if size > MAX_EXAMPLE_VALUES:
+        return None
+    rows = np.asarray(x[: min(N_EXAMPLES, MAX_EXAMPLE_VALUES // size)])
+    with np.errstate(over="ignore"):
+        x32 = rows.astype(np.float32)
+    if not np.isfinite(x32).all():
+        return None
+    values = rows.astype(np.float64)
+    if rows.dtype == np.float32:
+        short = np.array([float(str(v)) for v in x32.ravel()]).reshape(x32.shape)
+        if np.array_equal(short.astype(np.float32), x32):
+            values = short
+    out: list[Any] = values.tolist()
+    back = np.asarray(json.loads(json.dumps(out)), dtype=np.float64).astype(np.float32)
+    if back.shape != x32.shape or not np.array_equal(back, x32):  # cannot happen: a guard
+        raise ValueError("example inputs do not read back as the values verified")
+    return out
 
 
 def folded_layers(net: Network) -> list[tuple[Array, Array]]:

@@ -11,7 +11,8 @@ Steps, each refusing (``RefusedError``, exit status 2, nothing written) what it 
 4. head: what the output means (``--output-kind``): ``logits`` gets Softmax and ArgMax
    (outputs ``probabilities``, ``label``), ``probabilities`` gets ArgMax, ``values`` is renamed
    ``values`` and served as it is;
-5. metadata (the interface ``app/predictor.py`` checks), then the whole file is verified again.
+5. metadata (the interface ``app/predictor.py`` checks, and the first samples verified on as
+   ``example_inputs`` for the service's OpenAPI examples), then the whole file is verified again.
 """
 
 from __future__ import annotations
@@ -260,6 +261,12 @@ def import_model(
         "opset": opset,
         "folded": "true",
     }
+    examples = bnserve_graph.example_inputs(samples)  # inputs every check runs on
+    if examples is not None:
+        given = "--samples" if opts.samples is not None else (
+            f"the {len(samples)} standard-normal inputs export generated (no --samples)")
+        props[bnserve_graph.EXAMPLES] = examples
+        props[bnserve_graph.EXAMPLE_SOURCE] = f"the first {len(examples)} of {given}"
     if k:
         props["class_names"] = _names(opts.class_names, k, "class_", "--classes")
     if len(iface.input_shape) == 1:

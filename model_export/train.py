@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from model_export import batchnorm, checkpoint, data, mlp
+from model_export import batchnorm, checkpoint, data, mlp, outputs
 from model_export.batchnorm import Array
 from model_export.mlp import Estimator, Network
 
-DEFAULT_CHECKPOINT = Path("models/default.ckpt")
+DEFAULT_CHECKPOINT = outputs.MODELS_DIR / "default.ckpt"
 
 
 @dataclass(frozen=True)
@@ -237,21 +237,40 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bnserve-train", description=__doc__)
     add_data_args(p)
     add_train_args(p)
-    p.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint to write")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"checkpoint to write (default: models/<data file name>.ckpt with --data, else "
+        f"{DEFAULT_CHECKPOINT})",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out even if it holds another model (by default an existing checkpoint "
+        "is replaced only by a retrained one of the same data, features and classes)",
+    )
     args = p.parse_args(argv)
+    out: Path = args.out or (
+        DEFAULT_CHECKPOINT if args.data is None else outputs.derived(args.data, ".ckpt")
+    )
     try:
         ds = load_data(args)
+        origin = outputs.Origin(ds.source, ds.feature_names, ds.class_names)
+        if (refused := outputs.refusal(out, origin, "checkpoint", args.force)) is not None:
+            raise data.DataError(refused)
         cfg = config_from(args)
+        separated = "" if ds.delimiter == "," else f" ({ds.delimiter!r}-separated)"
         print(
-            f"data: {ds.source}  {ds.x.shape[0]} rows x {ds.x.shape[1]} features, "
+            f"data: {ds.source}{separated}  {ds.x.shape[0]} rows x {ds.x.shape[1]} features, "
             f"classes {list(ds.class_names)}  sha256 {ds.sha256[:12]}"
         )
         result = train(ds, cfg)
     except (data.DataError, FloatingPointError) as e:
         print(f"bnserve-train: error: {e}", file=sys.stderr)
         return 2
-    checkpoint.save(args.out, result.net, result.meta, result.x_val, result.y_val)
-    print(f"checkpoint written: {args.out}")
+    checkpoint.save(out, result.net, result.meta, result.x_val, result.y_val)
+    print(f"checkpoint written: {out}")
     return 0
 
 

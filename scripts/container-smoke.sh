@@ -60,6 +60,27 @@ answer=$(curl -fsS -X POST "http://127.0.0.1:$PORT/predict" -H 'Content-Type: ap
 echo "$answer" | python3 -c 'import json, sys; a = json.load(sys.stdin); assert a["class"] in a["probabilities"], a' || fail "bad answer: $answer"
 say "predict: $answer"
 
+# The image must serve the model README.md names: the same file a fresh `make model` builds here.
+served=$(curl -fsS "http://127.0.0.1:$PORT/model") || fail "GET /model failed"
+check=$(python3 - "$served" README.md 2>&1 <<'PY'
+import json, re, sys
+served = json.loads(sys.argv[1])
+sha, version, size = served["file"]["sha256"], served["model_version"], served["file"]["size_bytes"]
+print(f"serves {version}, {size} bytes, sha256 {sha}")
+pattern = r"model written: models/default\.onnx\s+\((\d+) bytes, sha256 ([0-9a-f]{64})\)"
+lines = open(sys.argv[2], encoding="utf-8").read().splitlines()
+stated = [(n, m) for n, line in enumerate(lines, 1) if (m := re.search(pattern, line))]
+if not stated:
+    sys.exit("README.md states no 'model written: models/default.onnx (N bytes, sha256 ...)' line")
+for n, m in stated:
+    if (int(m[1]), m[2]) != (size, sha):
+        sys.exit(f"README.md line {n} states {m[1]} bytes, sha256 {m[2]}: the image serves another "
+                 "file (tests/test_readme_model.py says what a fresh `make model` builds here)")
+print(f"README.md line {stated[0][0]} states the same")
+PY
+) || fail "model: $check"
+say "model: ${check//$'\n'/; }"
+
 pid=$(listener)
 [ -n "$pid" ] || fail "no process listens on port $PORT"
 uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")

@@ -289,7 +289,8 @@ def conv_reference(x: Array, w: Array, b: Array, pad: int) -> Array:
 
 def _softmax(z: Array) -> Array:
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    p: Array = e / e.sum(axis=1, keepdims=True)
+    return p
 
 
 def build_image_classifier(path: Path) -> ContractModel:

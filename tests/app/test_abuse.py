@@ -80,7 +80,7 @@ def read_to_eof(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
 
 def split_answers(data: bytes, heads: int = 0) -> list[tuple[int, dict[str, str], bytes]]:
     """The answers in ``data``, in order; the last ``heads`` of them answer HEAD (no body)."""
-    out = []
+    out: list[tuple[int, dict[str, str], bytes]] = []
     while data:
         end = data.index(ANSWER_HEAD_END)
         status_line, *lines = data[:end].decode().split("\r\n")
@@ -335,7 +335,7 @@ def test_an_early_413_closes_the_connection(start_server: Any, trained: Any) -> 
     """A Content-Length over the limit is refused before the body is read; the client does not
     send it and sends another request. Before: the connection stayed open and that request was
     read as the body. Now: the answer says Connection: close and the connection ends."""
-    server = start_server()
+    server = start_server(max_body_bytes=64 * 1024)  # the bodies below are 1 MB and 100 KB
     server.wait_ready()
     row = row_body(trained)
     with connect(server.port) as s:

@@ -37,7 +37,7 @@ def model(request: pytest.FixtureRequest, contract_models: dict[str, Any]) -> Co
 
 @pytest.fixture
 def served(make_client: Any, model: ContractModel) -> TestClient:
-    # 20 images of 192 numbers at full float32 precision are ~80 KB: over the 64 KiB default
+    # 20 images of 192 numbers at full float32 precision are ~80 KB (the default is 1 MiB)
     client: TestClient = make_client(model_path=model.path, max_body_bytes=1 << 20)
     return client
 

@@ -87,7 +87,7 @@ def test_metrics_count_exactly_what_was_sent(client: TestClient, trained: Any) -
 def test_internal_error_is_generic_500_with_request_id_and_logged_traceback(
     client: TestClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    predictor = client.app.rt.model.predictor
+    predictor = client.app.rt.model.predictor  # type: ignore[attr-defined]
 
     def broken(x: Any) -> Any:
         raise RuntimeError("secret internal detail")
@@ -178,8 +178,8 @@ def test_openapi_documents_the_fast_routes_truthfully(client: TestClient, traine
     assert [r["$ref"].rsplit("/", 1)[1] for r in ok] == ["BatchPrediction",
                                                          "ValuesBatchPrediction"]
 
-    # the documented example is a real, valid request
-    example = schemas_["PredictRequest"]["examples"][0]
+    # the documented example is a real, valid request (the served model's: tests/app/test_docs.py)
+    example = predict["requestBody"]["content"]["application/json"]["examples"]["one"]["value"]
     r = client.post("/predict", json=example)
     assert r.status_code == 200
     schemas.Prediction.model_validate(r.json())
@@ -198,9 +198,10 @@ def test_docs_can_be_turned_off(make_client: Any) -> None:
 
 
 def test_access_log_has_one_line_per_request_with_id_status_and_latency(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sink = io.StringIO()
+    client = make_client(log_format="json")  # the default, auto, would be text on a terminal
     log = client.app.access_log
     monkeypatch.setattr(log, "_stream", sink)
     client.post("/predict", json={"features": ROW}, headers={"x-request-id": "a-1"})

@@ -76,7 +76,8 @@ def test_readiness_turns_503_when_shutdown_begins(make_client: Any) -> None:
 def _modified(model_bytes: bytes, change: Any) -> bytes:
     model = onnx.load_from_string(model_bytes)
     change(model)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def _set_meta(key: str, value: str) -> Any:

@@ -4,6 +4,7 @@ request through the ASGI app as uvicorn makes it, and one answer read off a raw 
 from __future__ import annotations
 
 import socket
+from collections.abc import MutableMapping
 from typing import Any
 
 from app.service import Service
@@ -16,12 +17,12 @@ async def post(app: Service, path: str, body: bytes) -> Response:
     scope = {"type": "http", "method": "POST", "path": path,
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", b"%d" % len(body))]}
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     await app(scope, receive, send)

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ def server(model_files: ModelFiles, tmp_path: Path) -> Iterator[str]:
         "BNSERVE_HOST": "127.0.0.1",
         "BNSERVE_LOG_LEVEL": "warning",
     }
-    serve = shutil.which("bnserve-serve", path=str(Path(os.sys.executable).parent))
+    serve = shutil.which("bnserve-serve", path=str(Path(sys.executable).parent))
     assert serve is not None, "bnserve-serve is not installed in this environment"
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([serve], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def test_locust_runs_against_a_real_server_with_zero_failures(
     summary = json.loads((tmp_path / "loadtest-summary.json").read_text())
     assert summary["failures"] == 0
     assert summary["requests"] > 100
-    assert "loadtest verdict: pass" in run.stdout
+    assert run.stdout.rstrip().splitlines()[-1] == "loadtest verdict: pass"  # after the figures
+    assert "Response time percentiles" in run.stderr  # locust's table (printed before them)
     assert (tmp_path / "locust.html").stat().st_size > 0
     assert (tmp_path / "locust_stats.csv").read_text().count("/predict") >= 3
     spec = json.loads((tmp_path / "loadtest-requests.json").read_text())
@@ -83,3 +85,17 @@ def test_loadtest_fails_when_answers_are_wrong(
     )
     assert run.returncode == 1
     assert "requests failed" in run.stdout
+
+
+def test_the_verdict_is_held_back_until_the_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """The locustfile prints its verdict as locust quits, before locust's summary table: the
+    wrapper passes every other line through as it comes and returns the verdict for the end."""
+    spec = importlib.util.spec_from_file_location("loadtest", REPO / "benchmarks" / "loadtest.py")
+    assert spec is not None
+    assert spec.loader is not None
+    loadtest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loadtest)
+    script = "print('before'); print('loadtest verdict: pass', flush=True); print('after')"
+    rc, verdict = loadtest._run_locust([sys.executable, "-c", script], {})
+    assert (rc, verdict) == (0, ["loadtest verdict: pass"])
+    assert capsys.readouterr().out == "before\nafter\n"

@@ -84,3 +84,45 @@ def test_constant_feature_standardises_to_zero_not_nan() -> None:
     mean, std = data.standardisation(np.array([[1.0, 5.0], [3.0, 5.0]]))
     np.testing.assert_array_equal(std, [1.0, 1.0])
     np.testing.assert_array_equal(mean, [2.0, 5.0])
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t", "|"])
+def test_the_separator_is_detected(tmp_path: Path, sep: str) -> None:
+    text = "".join(sep.join(r) + "\n" for r in
+                   [["width", "height", "label"], ["1.5", "2", "x"], ["3", "4.25", "y"]])
+    ds = data.load_csv(_csv(tmp_path, text), "label")
+    assert (ds.delimiter, ds.feature_names) == (sep, ("width", "height"))
+    np.testing.assert_array_equal(ds.x, [[1.5, 2], [3, 4.25]])
+
+
+def test_a_comma_file_with_semicolons_inside_quotes_stays_comma_separated(tmp_path: Path) -> None:
+    ds = data.load_csv(_csv(tmp_path, 'a,note,y\n1,"p;q",u\n2,"r;s",v\n'), "y", ["a"])
+    assert ds.delimiter == ","
+    assert ds.x[:, 0].tolist() == [1, 2]
+
+
+def test_a_decimal_comma_is_named_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError,
+                       match=r"'1,5' is not a number \(a decimal comma\? .*: 1\.5\)"):
+        data.load_csv(_csv(tmp_path, "a;b;y\n1,5;2;p\n3;4;q\n"), "y")
+
+
+def test_a_header_read_as_one_column_says_which_separators_are_read(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match=r"columns are \['a:b:y'\] \(the header was read as "
+                       r"one column: bnserve reads files separated by ',', ';', tab or '\|'"):
+        data.load_csv(_csv(tmp_path, "a:b:y\n1:2:p\n"), "y")
+
+
+def test_an_id_column_gets_a_hint_to_choose_the_features(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "id,a,name,b,y\nr1,1,ann,2,p\nr2,3,bob,4,q\n")
+    with pytest.raises(data.DataError) as e:
+        data.load_csv(path, "y")
+    assert str(e.value).endswith(
+        "line 2, column 'id': 'r1' is not a number: columns 'id', 'name' hold text (ids or "
+        "names?); every column but the target is a feature unless --features names the feature "
+        "columns, e.g. --features a,b")
+    with pytest.raises(data.DataError) as e:
+        data.load_csv(path, "y", ["a", "id", "b"])
+    assert str(e.value).endswith("column 'id' holds text (an id or a name?); leave it out of "
+                                 "--features, e.g. --features a,b")
+    assert data.load_csv(path, "y", ["a", "b"]).x.tolist() == [[1, 2], [3, 4]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,6 +19,12 @@ from model_export import batchnorm, checkpoint, export, graph, mlp, train
 from model_export.train import TrainResult
 
 TOL = 1e-5  # float32 graphs against each other and against float64 numpy
+
+
+def _ref(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[Any]:
+    out = ReferenceEvaluator(model).run(None, feeds)
+    assert isinstance(out, list)
+    return out
 
 
 def _ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -66,11 +73,11 @@ def test_folding_equals_onnx_batchnormalization_in_onnxruntime_and_onnx_referenc
     )
 
     bn_ort = _ort(unfolded, {"x": x})[0]
-    bn_ref = np.asarray(ReferenceEvaluator(unfolded).run(None, {"x": x})[0])
+    bn_ref = np.asarray(_ref(unfolded, {"x": x})[0])
     np.testing.assert_allclose(bn_ort, bn_ref, atol=TOL)
     for run in (
         lambda m: _ort(m, {"x": x})[0],
-        lambda m: ReferenceEvaluator(m).run(None, {"x": x})[0],
+        lambda m: _ref(m, {"x": x})[0],
     ):
         np.testing.assert_allclose(run(folded), bn_ort, atol=TOL)
     numpy_ref = batchnorm.forward_infer(x.astype(np.float64) @ w + b, gamma, beta, mean, var, eps)
@@ -127,7 +134,7 @@ def test_exported_graphs_run_by_onnx_reference_equal_numpy_forward(
     x = default_result.x_val.astype(np.float32)
     ref = mlp.forward_infer(default_result.net, x.astype(np.float64))
     for model in exported.values():
-        probs, labels = ReferenceEvaluator(model).run(None, {"features": x})
+        probs, labels = _ref(model, {"features": x})
         np.testing.assert_allclose(probs, ref, atol=TOL)
         np.testing.assert_array_equal(labels, ref.argmax(axis=1))
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,7 +248,7 @@ def add_linear(b: Builder, x: str, kind: str, k: int, n: int) -> str:
 # --------------------------------------------------------------------------- the checks
 
 
-def ort_run(model: onnx.ModelProto, feeds: dict[str, F32]) -> list[NDArray[Any]]:
+def ort_run(model: onnx.ModelProto, feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
     """ONNX Runtime on CPU with every graph optimisation off, one thread."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -297,11 +298,13 @@ def definition(model: onnx.ModelProto, name: str) -> bytes:
     """How ``name`` is defined: its initializer, or its producer and what that producer reads."""
     init = next((t for t in model.graph.initializer if t.name == name), None)
     if init is not None:
-        return init.SerializeToString()
+        data: bytes = init.SerializeToString()
+        return data
     if any(v.name == name for v in model.graph.input):
         return name.encode()
     node = node_producing(model, name)
-    return node.SerializeToString() + b"".join(definition(model, i) for i in node.input if i)
+    head: bytes = node.SerializeToString()
+    return head + b"".join(definition(model, i) for i in node.input if i)
 
 
 def scaled_error(got: NDArray[Any], ref: NDArray[Any]) -> float:
@@ -355,7 +358,8 @@ def fold_and_check(case: Case) -> tuple[onnx.ModelProto, FoldReport]:
 
 
 def node_producing(model: onnx.ModelProto, output: str) -> onnx.NodeProto:
-    return next(n for n in model.graph.node if output in n.output)
+    node: onnx.NodeProto = next(n for n in model.graph.node if output in n.output)
+    return node
 
 
 def assert_reader_untouched(original: onnx.ModelProto, folded: onnx.ModelProto,
@@ -652,7 +656,8 @@ def conv_read_twice(draw: st.DrawFn) -> Case:
     b = draw(builders())
     z = add_conv(b, b.input(["N", shape.c_in, *shape.sizes]), shape, bias=True)
     y = b.bn(z, shape.c_out)
-    into, left = Counter(), 1
+    into: Counter[str] = Counter()
+    left = 1
     if after == "1x1 Conv":
         ones = [1] * len(shape.kernel)
         y = b.op("Conv", [y, b.weight([2, shape.c_out, *ones], shape.c_out)], kernel_shape=ones)
@@ -723,7 +728,10 @@ def test_bn_next_to_an_operator_it_must_not_fold_into_is_left_and_exact(case: Ca
 # passes them.
 
 
-def _bn_stats(rng: np.random.Generator, c: int) -> tuple[NDArray[np.float64], ...]:
+BnStats = tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]
+
+
+def _bn_stats(rng: np.random.Generator, c: int) -> BnStats:
     return (rng.uniform(0.5, 2.0, c) * rng.choice([-1.0, 1.0], c), rng.normal(size=c),
             rng.normal(size=c), rng.uniform(1e-3, 1e-2, c))
 
@@ -776,12 +784,14 @@ def test_negative_control_bn_folded_into_a_padded_conv_differs_at_the_borders() 
 
 
 def _wrong_conv_transpose(w: NDArray[Any], b: NDArray[Any], s: NDArray[Any], t: NDArray[Any],
-                          stats: tuple[NDArray[np.float64], ...], eps: float
+                          stats: BnStats, eps: float
                           ) -> tuple[NDArray[Any], NDArray[Any]]:
     return folding.after_conv(w, b, s, t)  # scales axis 0, the *input* channels of ConvTranspose
 
 
-WRONG_FOLDS = {
+WrongFold = Callable[[NDArray[Any], NDArray[Any], NDArray[Any], NDArray[Any], BnStats, float],
+                     tuple[NDArray[Any], NDArray[Any]]]
+WRONG_FOLDS: dict[str, WrongFold] = {
     "shift forgotten": lambda w, b, s, t, stats, eps: folding.after_conv(w, b, s, 0 * t),
     "eps ignored": lambda w, b, s, t, stats, eps: folding.after_conv(
         w, b, *folding.affine(*stats, 0.0)),
@@ -797,7 +807,7 @@ def test_negative_control_wrong_fold_equations_are_caught(mistake: str) -> None:
     w, bias = rng.normal(size=(c, c, 3)) / 3.0, rng.normal(size=c)  # square: both layouts fit
     stats = _bn_stats(rng, c)
     x = {"x": rng.normal(size=(BATCH, c, length)).astype(np.float32)}
-    attrs = {"kernel_shape": [3], "pads": [1, 0]}
+    attrs: dict[str, Any] = {"kernel_shape": [3], "pads": [1, 0]}
     original = _single_op_model(op, ["N", c, length], w, bias, stats, eps, False, **attrs)
     s, t = folding.affine(*stats, eps)
     right = (folding.after_conv_transpose(w, bias, s, t, 1) if op == "ConvTranspose"
@@ -822,9 +832,10 @@ def test_negative_control_scaling_a_shared_weight_in_place_is_caught() -> None:
     # the wrong fold: scale the shared initializer itself, and drop the batch norm
     wrong = copy.deepcopy(original)
     inits = {t.name: t for t in wrong.graph.initializer}
-    stats = [numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:]]
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64)
+                              for n in bn.input[1:])
     eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
-    s, t = folding.affine(*stats, eps)
+    s, t = folding.affine(gamma, beta, mean, var, eps)
     w2, b2 = folding.after_matmul(numpy_helper.to_array(inits[matmul.input[1]]), None, s, t)
     inits[matmul.input[1]].CopyFrom(numpy_helper.from_array(w2.astype(np.float32),
                                                             matmul.input[1]))
