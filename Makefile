@@ -36,7 +36,7 @@ DEFAULT_CHECKPOINT := models/default.ckpt
 MODEL := $(or $(BNSERVE_MODEL_PATH),$(DEFAULT_MODEL))
 CHECKPOINT := $(basename $(MODEL)).ckpt
 
-.PHONY: serve model test test-fast lint chromium compare bench loadtest lock container-smoke clean
+.PHONY: serve model test test-fast lint chromium promtool compare bench loadtest lock container-smoke clean recalibration-study
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "bnserve needs Python >= 3.11"'
@@ -94,8 +94,17 @@ lint: | $(DEV_STAMP)
 	$(BIN)/mypy
 
 # Everything: the README's test command, and what CI runs (.ci/run).
-test: lint chromium
+test: lint chromium promtool
 	$(BIN)/pytest -q
+
+# tests/deploy/test_monitoring.py checks the alert rules with Prometheus' own promtool, from
+# Debian's prometheus package, installed like chromium when it is missing.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "$$SUDO apt-get install -y prometheus"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null; }
 
 # tests/app/test_docs.py opens /docs in a real headless browser: Debian's chromium, installed
 # with apt-get when it is missing (as root, or through sudo).
@@ -107,12 +116,24 @@ chromium:
 	    --no-install-recommends chromium >/dev/null; }
 
 # The edit-test loop: lint, type checks and the tests not marked slow.
-test-fast: lint
+test-fast: lint promtool
 	$(BIN)/pytest -q -m "not slow"
 
 # Benchmarks (issue 5): installs its own load generator, bounded in time, prints a table.
 bench: $(MODEL) | $(DEV_STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# The README's drift-detection table (issue 13): simulated drifts replayed through the exported
+# model and app/drift.py's monitor; trains the default model afresh unless CHECKPOINT=... names
+# one. About a minute; prints the tables, writes reports/drift-study.json.
+.PHONY: drift-study
+drift-study: | $(SERVE_STAMP)
+	$(BIN)/python -m benchmarks.drift_study $(if $(filter command line,$(origin CHECKPOINT)),--checkpoint $(CHECKPOINT))
+
+# Issue 13: held-out accuracy before and after bnserve-recalibrate on simulated shifts of the
+# shipped data (seeded, about 10 s); prints markdown tables.
+recalibration-study: | $(SERVE_STAMP)
+	$(BIN)/python benchmarks/recalibration_study.py
 
 # Locust against a running service (default: make serve's); fails on any error or a slow p99.
 # The rows and the expected classes come from CHECKPOINT: the one the served model was exported from.

@@ -130,10 +130,19 @@ def _serve(settings: Settings) -> int:
         timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
+    # Bound before anything else runs: a port already in use then ends the start with one clear
+    # line and status 1, before the lifespan starts loading the model in a thread (exiting with
+    # that load under way could abort the process from inside ONNX Runtime).
+    try:
+        sock = config.bind_socket()
+    except SystemExit:  # uvicorn has logged the OSError
+        log.error("cannot listen on %s:%d (is another bnserve-serve running? choose another "
+                  "port with BNSERVE_PORT or --port); exiting", settings.host, settings.port)
+        return STARTUP_FAILURE
     if settings.workers > 1:
         # Each worker gets SIGTERM from the supervisor and runs the same lifespan, which makes
         # its readiness 503 and drains it (app/lifecycle.py). SIGHUP: app/supervisor.py.
-        supervisor = make_supervisor(config, [config.bind_socket()])
+        supervisor = make_supervisor(config, [sock])
         supervisor.run()
         failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
         return STARTUP_FAILURE if failed else 0
@@ -150,7 +159,7 @@ def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the lifespan handles it (a reload)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except SystemExit as e:  # uvicorn exits like this when the lifespan start-up fails
         return e.code if isinstance(e.code, int) else STARTUP_FAILURE
     return 0 if server.started else STARTUP_FAILURE

@@ -10,6 +10,7 @@ logs. Both take their routes from the one table in app/routes.py.
 from __future__ import annotations
 
 import inspect
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Any
 
 import onnxruntime as ort
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
@@ -103,6 +104,27 @@ def model_document(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def drift_document(rt: Runtime, top: int) -> dict[str, Any]:
+    """GET /drift for the served model. Not watched (off, or no reference): 200 with
+    ``monitoring: false`` and the reason, since a service without a monitor is a state, not an
+    error. Each worker answers with its own estimate (of the requests it served)."""
+    model = rt.model
+    if model is None:
+        raise NotReadyError(rt.readiness.reason)
+    doc: dict[str, Any] = {"model_version": model.version}
+    report = rt.publish_drift()
+    if report is None:
+        reason = ("drift monitoring is off (BNSERVE_DRIFT=false)" if not rt.settings.drift else
+                  "the model carries no drift_reference metadata (re-export it with a "
+                  "bnserve-export that writes one)")
+        return {**doc, "monitoring": False, "reason": reason}
+    s = rt.settings
+    return {**doc, "monitoring": True, "worker_pid": os.getpid(),
+            "min_examples": s.drift_min_examples, **report.as_dict(top),
+            # in served examples (the setting); the monitor's own is in watched examples
+            "time_constant": s.drift_time_constant, "sample_every": s.drift_sample_every}
+
+
 def model_details(doc: dict[str, Any], info: ModelInfo) -> None:
     """What GET /model adds with BNSERVE_EXPOSE_DETAILS=true: where the file is on this machine
     and which ONNX Runtime runs it (useful to an operator, a map to an attacker)."""
@@ -128,10 +150,18 @@ def _add_routes(api: FastAPI, rt: Runtime, assets: docs.Assets | None) -> None:
         doc = model_document(info)
         if rt.settings.expose_details:
             model_details(doc, info)
+        doc["drift"] = info.drift_document(
+            rt.settings.drift_time_constant if model.drift is not None else None,
+            rt.settings.drift_sample_every)
         doc["last_reload"] = None if rt.last_reload is None else rt.last_reload.as_dict()
         return _json(doc)
 
+    async def drift(top: int = Query(5, ge=1, le=100, description="Channels listed per "
+                                     "group, the worst first.")) -> Response:
+        return _json(drift_document(rt, top))
+
     async def metrics() -> Response:
+        rt.publish_drift()  # this worker's latest estimate (others wrote theirs within ~1 s)
         return Response(rt.metrics.render(), media_type=rt.metrics.content_type)
 
     async def docs_page(request: Request) -> Response:
@@ -148,6 +178,8 @@ def _add_routes(api: FastAPI, rt: Runtime, assets: docs.Assets | None) -> None:
                                                 "description": "Not ready."}}}),
         "model_info": (model_info, {"response_model": schemas.ModelInfo, "tags": ["model"],
                                     "responses": {503: _ERRORS[503]}}),
+        "drift": (drift, {"response_model": schemas.Drift, "tags": ["model"],
+                          "responses": {503: _ERRORS[503]}}),
         "metrics": (metrics, {"tags": ["health"], "response_class": Response,
                               "responses": {200: {"content": {"text/plain": {}}}}}),
         # not in the OpenAPI document, as FastAPI's own docs_url is not

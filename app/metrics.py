@@ -8,6 +8,14 @@ starts. Without it, metrics are plain in-process values.
 
 Each app gets its own metric objects (and registry), so tests can count from zero. Label values
 are few and fixed: routes are route templates (never raw paths), statuses are HTTP codes.
+
+Drift gauges (app/drift.py) are labelled by group (the input and each watched batch norm: a
+handful) and, for 1-D inputs of at most ``MAX_DRIFT_FEATURES`` features, by feature. Each worker
+keeps its own estimate of the traffic it served; with several workers the scores use
+``multiprocess_mode="livemax"``: the worst live worker's estimate, so drift that any worker sees
+can alert, and a dead worker's stale values drop out. A worker writes 0 until its estimate rests on
+BNSERVE_DRIFT_MIN_EXAMPLES examples, so a fresh or idle worker neither hides behind nor raises an
+alert. ``bnserve_drift_examples`` is ``livesum``: examples watched by all live workers.
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from app.drift import DriftReport, Reference
 from app.predictor import ModelInfo
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"  # every path no route matched shares one label value
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_DRIFT_FEATURES = 256  # per-feature drift gauges only up to this many features (bounded labels)
 INFERENCE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                      0.1, 0.25)
 
@@ -93,6 +103,7 @@ class Metrics:
         for child in self._reloads.values():
             child.inc(0)
         self._model_labels: tuple[str, ...] | None = None
+        self._add_drift(reg)
         if self.multiprocess:
             self._exposed = CollectorRegistry()
             multiprocess.MultiProcessCollector(self._exposed)  # type: ignore[no-untyped-call]
@@ -140,6 +151,80 @@ class Metrics:
                 self.model_info.remove(*previous)
         self.model_info.labels(*labels).set(1)
 
+    def _add_drift(self, reg: CollectorRegistry) -> None:
+        self.drift_mean_shift = Gauge(
+            "bnserve_drift_mean_shift", "Drift: the worst channel's |m - mean| / std in each "
+            "group (input features, or a batch norm's channels), m the served EWMA mean.",
+            ["group"], multiprocess_mode="livemax", registry=reg,
+        )
+        self.drift_log_var_ratio = Gauge(
+            "bnserve_drift_abs_log_var_ratio", "Drift: the worst channel's |log(v / std^2)| in "
+            "each group, v the served EWMA variance.", ["group"], multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.drift_feature_mean_shift = Gauge(
+            "bnserve_drift_feature_mean_shift", "Drift: |m - mean| / std of each input feature "
+            f"(1-D inputs of at most {MAX_DRIFT_FEATURES} features).", ["feature"],
+            multiprocess_mode="livemax", registry=reg,
+        )
+        self.drift_feature_log_var_ratio = Gauge(
+            "bnserve_drift_feature_abs_log_var_ratio", "Drift: |log(v / std^2)| of each input "
+            f"feature (1-D inputs of at most {MAX_DRIFT_FEATURES} features).", ["feature"],
+            multiprocess_mode="livemax", registry=reg,
+        )
+        self.drift_examples = Gauge(
+            "bnserve_drift_examples", "Examples the drift estimates rest on (watched: every "
+            "BNSERVE_DRIFT_SAMPLE_EVERY-th run), since the model was loaded (all workers).",
+            multiprocess_mode="livesum", registry=reg,
+        )
+        self._drift_groups: list[str] = []
+        self._drift_features: list[str] = []
+        self._drift_input: str | None = None  # the input group's name, if features are watched
+
+    def set_drift_model(self, reference: Reference | None, features: list[str] | None) -> None:
+        """A model was published: its groups (and features) at 0, the last model's gone."""
+        groups = [] if reference is None else [g.name for g in reference.groups]
+        if features is not None and len(features) > MAX_DRIFT_FEATURES:
+            features = None
+        self._drop(self.drift_mean_shift, self.drift_log_var_ratio, self._drift_groups, groups)
+        self._drop(self.drift_feature_mean_shift, self.drift_feature_log_var_ratio,
+                   self._drift_features, features or [])
+        self._drift_groups, self._drift_features = groups, features or []
+        self._drift_input = None if reference is None or features is None else next(
+            g.name for g in reference.groups if g.kind == "input")
+        for gauge in (self.drift_mean_shift, self.drift_log_var_ratio):
+            for g in groups:
+                gauge.labels(g).set(0)
+        for gauge in (self.drift_feature_mean_shift, self.drift_feature_log_var_ratio):
+            for f in self._drift_features:
+                gauge.labels(f).set(0)
+        self.drift_examples.set(0)
+
+    def _drop(self, a: Gauge, b: Gauge, old: list[str], new: list[str]) -> None:
+        for label in set(old) - set(new):
+            for gauge in (a, b):
+                if self.multiprocess:  # files keep every series this process wrote: zero it
+                    gauge.labels(label).set(0)
+                else:
+                    gauge.remove(label)
+
+    def set_drift(self, report: DriftReport, min_examples: int) -> None:
+        """This worker's estimate into the gauges (scores 0 while it rests on too few)."""
+        self.drift_examples.set(report.examples)
+        settled = report.examples >= max(1, min_examples)
+        for g in report.groups:
+            name = g.ref.name
+            if name not in self._drift_groups:  # a report of a model no longer published
+                return
+            self.drift_mean_shift.labels(name).set(_score(g.worst_mean_shift, settled))
+            self.drift_log_var_ratio.labels(name).set(_score(g.worst_abs_log_var_ratio, settled))
+            if name == self._drift_input:
+                shifts = g.mean_shift.tolist()
+                ratios = np.abs(g.log_var_ratio).tolist()
+                for f, shift, ratio in zip(self._drift_features, shifts, ratios, strict=True):
+                    self.drift_feature_mean_shift.labels(f).set(_score(shift, settled))
+                    self.drift_feature_log_var_ratio.labels(f).set(_score(ratio, settled))
+
     def count_reload(self, ok: bool) -> None:
         self._reloads["ok" if ok else "failed"].inc()
 
@@ -151,3 +236,8 @@ class Metrics:
         """This process is going away: drop its samples of live gauges (in-flight, model info)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+def _score(value: float, settled: bool) -> float:
+    """A gauge's value: 0 for a skipped channel (NaN) or an estimate on too few examples."""
+    return value if settled and np.isfinite(value) else 0.0

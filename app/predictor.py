@@ -12,11 +12,15 @@ writes:
       output  values         float32 [N, ...], the only output
     metadata format "bnserve-onnx/1", model_version, class_names (classifiers only),
              feature_names (only when examples are 1-D, [N, F]); optional fold_report, source
+    optional drift_reference (app/drift.py) and the monitoring outputs it declares:
+      output  drift.<group>  float32 [N, C, ...]: hidden from clients (not in ``info.outputs``),
+              run beside the answer only when the service monitors drift (``predict_watched``)
 
 ``warm_up`` runs the graph on random examples of the input's shape and checks what comes out
 (every output finite; for a classifier, probabilities in [0, 1] summing to 1 and label = argmax;
 each example alone bit-identical to the same example inside a batch), so a model that would
-serve garbage never becomes ready.
+serve garbage never becomes ready. Monitoring outputs are held to the same checks (finite, and
+batch-independent), since their statistics are only meaningful if they are.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
+
+from app import drift
+
+# Errors only from ORT's process-wide logger too: its warnings (e.g. that a read-only root cannot
+# keep a telemetry id) bypass our log format, and the session options below come too late for them.
+ort.set_default_logger_severity(3)
 
 # The interface written by model_export (not imported: serving does not need onnx).
 FORMAT = "bnserve-onnx/1"
@@ -79,6 +89,8 @@ class ModelInfo:
     outputs: list[TensorSpec]
     metadata: dict[str, str]  # the file's metadata_props, verbatim
     parsed: dict[str, Any]  # the same, with JSON values decoded
+    drift: drift.Reference | None  # what drift monitoring compares with; None: no reference
+    monitoring_outputs: list[TensorSpec]  # the drift.* outputs, never shown to clients
     intra_op_threads: int
     inter_op_threads: int
     loaded_at: str = ""
@@ -93,6 +105,17 @@ class ModelInfo:
     @property
     def source(self) -> str | None:
         return self.metadata.get("source")
+
+    def drift_document(self, time_constant: float | None, sample_every: int
+                       ) -> dict[str, Any] | None:
+        """GET /model's ``drift`` section: what is watched (None: the model has no reference)."""
+        if self.drift is None:
+            return None
+        return {"monitoring": time_constant is not None, "time_constant": time_constant,
+                "sample_every": sample_every if time_constant is not None else None,
+                "groups": [{"name": g.name, "kind": g.kind, "tensor": g.tensor,
+                            "channels": g.channels, "skipped_channels": int(g.dead.sum())}
+                           for g in self.drift.groups]}
 
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(double)": "float64",
@@ -175,6 +198,45 @@ def _check_values(outputs: list[TensorSpec]) -> None:
                          "float32 [N, ...]")
 
 
+def _check_drift(meta: dict[str, str], monitoring: list[TensorSpec],
+                 shape: tuple[int, ...]) -> drift.Reference | None:
+    """The reference, checked against the graph: every drift.* output declared in it and
+    every group's tensor there, float32 [N, C, ...] with C its number of channels."""
+    text = meta.get(drift.KEY)
+    names = [o.name for o in monitoring]
+    if text is None:
+        if names:
+            raise ModelError(f"outputs {names} are monitoring outputs ({drift.PREFIX}*) but "
+                             f"metadata {drift.KEY!r} is missing")
+        return None
+    try:
+        ref = drift.Reference.parse(text)
+    except ValueError as e:
+        raise ModelError(f"metadata {e}") from None
+    undeclared = sorted(set(names) - set(ref.tensors))
+    if undeclared:
+        raise ModelError(f"outputs {undeclared} are monitoring outputs ({drift.PREFIX}*) not "
+                         f"declared in metadata {drift.KEY!r}")
+    by_name = {o.name: o for o in monitoring}
+    for g in ref.groups:
+        if g.kind == "input":
+            if g.tensor != INPUT or shape[0] != g.channels:
+                raise ModelError(f"{drift.KEY} group {g.name!r} watches {g.tensor!r} with "
+                                 f"{g.channels} channels; the input is {INPUT!r} with "
+                                 f"{shape[0]} on axis 1")
+            continue
+        out = by_name.get(g.tensor)
+        if out is None:
+            raise ModelError(f"{drift.KEY} group {g.name!r} watches output {g.tensor!r}, "
+                             f"which the graph does not have")
+        channels = out.shape[1] if len(out.shape) >= 2 else None
+        if out.dtype != "float32" or channels is None or (
+                isinstance(channels, int) and channels != g.channels):  # symbolic: warm-up checks
+            raise ModelError(f"output {out.name!r} is {out.dtype} {out.shape}, expected "
+                             f"float32 [N, {g.channels}, ...] (group {g.name!r})")
+    return ref
+
+
 def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
     """Everything the service relies on, or ModelError naming the first thing that is wrong."""
     if meta.get("format") != FORMAT:
@@ -192,8 +254,11 @@ def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
         raise ModelError("metadata 'fold_report' must be a JSON object")
 
     inputs = [_spec(i) for i in session.get_inputs()]
-    outputs = [_spec(o) for o in session.get_outputs()]
+    every = [_spec(o) for o in session.get_outputs()]
+    outputs = [o for o in every if not o.name.startswith(drift.PREFIX)]
+    monitoring = [o for o in every if o.name.startswith(drift.PREFIX)]
     shape = _input_shape(inputs)
+    reference = _check_drift(meta, monitoring, shape)
     features = None
     if len(shape) == 1:  # names only make sense for 1-D examples; requests may use them
         features = _names(parsed, "feature_names")
@@ -208,8 +273,8 @@ def _check_interface(session: Any, meta: dict[str, str]) -> ModelInfo:
     return ModelInfo(
         path="", sha256="", size_bytes=0, model_version=version, output_kind=kind,
         input_shape=shape, feature_names=features, class_names=classes, inputs=inputs,
-        outputs=outputs, metadata=dict(meta), parsed=parsed, intra_op_threads=0,
-        inter_op_threads=0,
+        outputs=outputs, metadata=dict(meta), parsed=parsed, drift=reference,
+        monitoring_outputs=monitoring, intra_op_threads=0, inter_op_threads=0,
     )
 
 
@@ -261,6 +326,13 @@ class Predictor:
         self.output_names = [OUTPUT_PROBS, OUTPUT_LABEL] if self.classifier else [OUTPUT_VALUES]
         self.input_shape = info.input_shape
         self.n_classes = len(info.class_names or ())
+        # the answer's outputs, then the monitoring ones: one run computes both
+        self.watched_names = [o.name for o in info.monitoring_outputs]
+        self._all_names = self.output_names + self.watched_names
+        self._n_out = len(self.output_names)
+        # where each tensor the reference watches is in [x, *run outputs]
+        self._watched_at = [] if info.drift is None else [
+            0 if t == INPUT else 1 + self._all_names.index(t) for t in info.drift.watched]
 
     @classmethod
     def load(
@@ -305,6 +377,19 @@ class Predictor:
         [N, n_classes], label int64 [N]) for a classifier, (values float32 [N, ...],) else."""
         return tuple(self._session.run(self.output_names, {INPUT: x}))
 
+    def predict_watched(self, x: F32) -> tuple[Outputs, dict[str, F32]]:
+        """``predict``'s outputs and, from the same run, what drift monitoring watches: the
+        input and each monitoring output, by tensor name."""
+        outputs, watched = self.run_watched(x)
+        assert self.info.drift is not None, "the model has no drift reference"
+        return outputs, dict(zip(self.info.drift.watched, watched, strict=True))
+
+    def run_watched(self, x: F32) -> tuple[Outputs, list[F32]]:
+        """``predict_watched`` for the request path: the watched tensors in the order of
+        ``info.drift.watched`` (``DriftMonitor.observe_watched``), no dictionary built."""
+        every = [x, *self._session.run(self._all_names, {INPUT: x})]
+        return tuple(every[1 : 1 + self._n_out]), [every[i] for i in self._watched_at]
+
     def warm_up(self, max_batch: int) -> None:
         """Run every code path once and refuse a model whose outputs make no sense."""
         try:
@@ -335,15 +420,22 @@ class Predictor:
         self.info = replace(self.info, warm_up_seconds=time.perf_counter() - t0)
 
     def _checked(self, x: F32) -> Outputs:
+        """The answer's outputs then the monitoring outputs, each checked."""
         try:
-            outs = self.predict(x)
+            every = tuple(self._session.run(self._all_names, {INPUT: x}))
         except Exception as e:  # e.g. a Reshape that hard-codes the batch size
             raise ModelError(f"running a batch of {len(x)} failed: {_first_line(e)}") from None
+        outs = every[: self._n_out]
         if self.classifier:
             _check_classes(outs, len(x), self.n_classes)
         else:
             _check_values_out(outs, len(x))
-        return outs
+        ref = self.info.drift
+        for name, out in zip(self.watched_names, every[self._n_out:], strict=True):
+            assert ref is not None  # monitoring outputs exist only with a reference
+            channels = next(g.channels for g in ref.groups if g.tensor == name)
+            _check_monitoring_out(name, out, len(x), channels)
+        return every
 
 
 def _first_line(e: Exception) -> str:
@@ -366,6 +458,14 @@ def _check_classes(outs: Outputs, n: int, n_classes: int) -> None:
         probs[np.arange(n), labels], probs.max(axis=1)
     ):
         raise ModelError("label is not the most probable class")
+
+
+def _check_monitoring_out(name: str, out: NDArray[Any], n: int, channels: int) -> None:
+    if out.dtype != np.float32 or out.ndim < 2 or out.shape[:2] != (n, channels):
+        raise ModelError(f"monitoring output {name!r} came out {out.dtype} {out.shape}, "
+                         f"expected float32 [{n}, {channels}, ...]")
+    if not np.isfinite(out).all():
+        raise ModelError(f"monitoring output {name!r} is not all finite on random inputs")
 
 
 def _check_values_out(outs: Outputs, n: int) -> None:

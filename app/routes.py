@@ -55,6 +55,8 @@ ROUTES: tuple[Route, ...] = (
           "Predict up to BNSERVE_MAX_BATCH examples in one request", fast=True, protected=True),
     Route("GET", "/model", "model_info", "The model being served: interface, training figures, "
           "file hash, load time, last reload"),
+    Route("GET", "/drift", "drift", "Drift monitoring: how what this worker served compares "
+          "with the model's own training statistics, worst features and channels first"),
     Route("GET", "/livez", "livez", "200 while the process and its event loop answer",
           observed=False),
     Route("GET", "/readyz", "readyz", "200 once the model is loaded, checked and warm; 503 with "

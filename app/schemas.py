@@ -150,6 +150,25 @@ class ReloadInfo(BaseModel):
     model_version: str | None = Field(description="The version served after the attempt.")
 
 
+class DriftGroupInfo(BaseModel):
+    model_config = _STRICT
+    name: str
+    kind: Literal["input", "batchnorm"]
+    tensor: str = Field(description="The graph input, or the monitoring output drift.<name>.")
+    channels: int
+    skipped_channels: int = Field(description="Channels with reference std ~0 (dead): not scored.")
+
+
+class ModelDrift(BaseModel):
+    model_config = _STRICT
+    monitoring: bool = Field(description="Whether this service watches it (BNSERVE_DRIFT).")
+    time_constant: float | None = Field(
+        description="BNSERVE_DRIFT_TIME_CONSTANT, in served examples.")
+    sample_every: int | None = Field(description="BNSERVE_DRIFT_SAMPLE_EVERY: every k-th run is "
+                                     "watched.")
+    groups: list[DriftGroupInfo]
+
+
 class ModelInfo(BaseModel):
     model_config = _STRICT
     model_version: str
@@ -186,10 +205,69 @@ class ModelInfo(BaseModel):
     warm_up_seconds: float
     runtime: RuntimeInfo
     metadata: dict[str, str] = Field(description="The file's metadata_props, verbatim.")
+    drift: ModelDrift | None = Field(
+        None, description="What drift monitoring watches (GET /drift); null: the model carries "
+        "no drift_reference.",
+    )
     last_reload: ReloadInfo | None = Field(
         None, description="The last attempt to load a changed model file (BNSERVE_RELOAD_SECONDS "
         "or SIGHUP) in the worker that answered; null if none.",
     )
+
+
+class DriftChannel(BaseModel):
+    model_config = _STRICT
+    channel: int
+    name: str | None = Field(description="The feature's name (input group), else null.")
+    mean_shift: float | None = Field(description="|m - expected_mean| / expected_std.")
+    log_var_ratio: float | None = Field(description="log(std^2 / expected_std^2), signed.")
+    mean: float | None = Field(description="The served EWMA mean (bias-corrected).")
+    std: float | None = Field(description="The served EWMA standard deviation.")
+    expected_mean: float
+    expected_std: float
+
+
+class DriftGroup(BaseModel):
+    model_config = _STRICT
+    name: str
+    kind: Literal["input", "batchnorm"]
+    tensor: str
+    channels: int
+    skipped_channels: int
+    worst_mean_shift: float | None
+    worst_abs_log_var_ratio: float | None
+    worst: list[DriftChannel] = Field(description="The worst channels first (by the larger of "
+                                      "mean shift and |log variance ratio|).")
+
+
+class DriftWorst(DriftChannel):
+    group: str
+
+
+class DriftSummary(BaseModel):
+    model_config = _STRICT
+    worst_mean_shift: float | None
+    worst_abs_log_var_ratio: float | None
+    worst: DriftWorst | None
+
+
+class Drift(BaseModel):
+    model_config = _STRICT
+    model_version: str
+    monitoring: bool = Field(description="false: not watched; 'reason' says why.")
+    reason: str | None = Field(None, description="Why not watched (monitoring false).")
+    worker_pid: int | None = Field(
+        None, description="The worker that answered: with BNSERVE_WORKERS > 1 each worker "
+        "estimates from the requests it served.")
+    time_constant: float | None = Field(None, description="BNSERVE_DRIFT_TIME_CONSTANT, in "
+                                        "served examples.")
+    sample_every: int | None = Field(None, description="BNSERVE_DRIFT_SAMPLE_EVERY: every k-th "
+                                     "ONNX Runtime run is watched, with all its examples.")
+    min_examples: int | None = Field(None, description="BNSERVE_DRIFT_MIN_EXAMPLES.")
+    examples: int | None = Field(None, description="Watched examples the estimate rests on.")
+    dropped_examples: int | None = Field(None, description="Left out: a non-finite value.")
+    summary: DriftSummary | None = None
+    groups: list[DriftGroup] | None = None
 
 
 # ------------------------------------------------------------ the Open Inference Protocol (V2)

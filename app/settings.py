@@ -159,6 +159,34 @@ class Settings(BaseSettings):
         description="Directory for Prometheus multiprocess files, wiped at start. Unset: a "
         "temporary directory when workers > 1, plain in-process metrics otherwise.",
     )
+    # ---- issue 13: drift monitoring with the model's own batch-norm statistics (app/drift.py)
+    drift: bool = Field(
+        default=True,
+        description="Drift monitoring: compare what is served with the statistics the model "
+        "carries (metadata drift_reference), per feature and batch-norm channel; GET /drift and "
+        "the bnserve_drift_* metrics. Models without a reference are not monitored.",
+    )
+    drift_time_constant: float = Field(
+        default=1000.0, ge=1.0,
+        description="Served examples the drift estimate averages over: an exponentially "
+        "weighted average in which each watched example weighs sample_every / this.",
+    )
+    drift_sample_every: int = Field(
+        default=8, ge=1,
+        description="Watch every k-th ONNX Runtime run (1: all) with all its examples, to bound "
+        "the cost: a watched single-example run costs about 7 us more, against about 50 us of "
+        "server CPU per request.",
+    )
+    drift_min_examples: int = Field(
+        default=100, ge=0,
+        description="A worker exports drift scores to /metrics only once its estimate rests on "
+        "this many watched examples (0 until then), so a fresh worker cannot raise an alert.",
+    )
+
+    @property
+    def drift_watched_time_constant(self) -> float:
+        """The monitor's time constant, in watched examples (at least 1)."""
+        return max(1.0, self.drift_time_constant / self.drift_sample_every)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,15 +1,20 @@
 """What the running service knows: settings, metrics, readiness, (once warm) the model, and the
-model file it came from with the last reload attempt."""
+model file it came from with the last reload attempt.
+
+Drift monitoring belongs to the model: publishing a model (``rt.model = ...``, on the first load
+and on every hot reload) gives it a fresh ``DriftMonitor`` on its own reference, so an estimate
+never mixes what two models saw."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from app import answers, inputs, tensors
+from app.drift import DriftMonitor, DriftReport
 from app.inputs import F32, FeatureSpec
 from app.logs import AccessLog
 from app.metrics import Metrics
@@ -59,6 +64,7 @@ class Model:
     single: Decode  # the parsed body of POST /predict -> float32 [1, ...]
     batch: Decode  # of POST /predict/batch -> float32 [N, ...]
     answer: Callable[[Outputs, bool], bytes]  # (outputs, batch?) -> the JSON answer
+    drift: DriftMonitor | None = None  # None: not monitored (off, or the model has no reference)
 
     @classmethod
     def of(cls, predictor: Predictor, max_batch: int) -> Model:
@@ -95,6 +101,23 @@ def _decoders(info: ModelInfo, max_batch: int) -> tuple[Decode, Decode]:
         return tensors.batch_examples(doc, shape, max_batch)
 
     return single_nd, batch_nd
+
+
+def monitored(model: Model, settings: Settings) -> Model:
+    """``model`` with a fresh drift monitor, if monitoring is on and the model has a reference."""
+    reference = model.predictor.info.drift
+    if model.drift is not None or not settings.drift or reference is None:
+        return model
+    return replace(model, drift=DriftMonitor(reference, settings.drift_watched_time_constant))
+
+
+def drift_features(info: ModelInfo) -> list[str] | None:
+    """Per-feature drift gauges' label values: 1-D inputs with a watched input group only."""
+    ref = info.drift
+    group = None if ref is None else next((g for g in ref.groups if g.kind == "input"), None)
+    if group is None or len(info.input_shape) != 1:
+        return None
+    return list(group.channel_names or info.feature_names or map(str, range(group.channels)))
 
 
 class Fingerprint(NamedTuple):
@@ -136,12 +159,35 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     readiness: Readiness = field(default_factory=Readiness)
     access_log: AccessLog = field(init=False)
-    # None until the model is loaded and warm. Requests are served whenever it is set, also
-    # while shutting down, so that in-flight and draining requests still succeed.
-    model: Model | None = None
     # stat of the model file at the last load attempt (first load or reload), ok or not
     model_file: Fingerprint | None = None
     last_reload: ReloadAttempt | None = None
+    _model: Model | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.access_log = AccessLog(self.settings.log_level, self.settings.log_format)
+
+    @property
+    def model(self) -> Model | None:
+        """None until the model is loaded and warm. Requests are served whenever it is set, also
+        while shutting down, so that in-flight and draining requests still succeed."""
+        return self._model
+
+    @model.setter
+    def model(self, model: Model | None) -> None:
+        """Publish ``model`` (one attribute write), with a fresh drift monitor if it is watched."""
+        if model is not None:
+            model = monitored(model, self.settings)
+            info = model.predictor.info
+            self.metrics.set_drift_model(
+                None if model.drift is None else model.drift.reference, drift_features(info))
+        self._model = model
+
+    def publish_drift(self) -> DriftReport | None:
+        """The served model's drift report, also written to this worker's drift gauges."""
+        model = self._model
+        if model is None or model.drift is None:
+            return None
+        report = model.drift.report()
+        self.metrics.set_drift(report, self.settings.drift_min_examples)
+        return report

@@ -37,6 +37,7 @@ import orjson
 import targets
 import wide_model
 from procs import Server
+from targets import NO_DRIFT
 
 from app.settings import Settings
 from model_export import checkpoint
@@ -98,10 +99,11 @@ def v2_rows_of(ckpt: Path, n: int, binary: bool) -> list[loadgen.Body]:
 
 
 def bnserve(name: str, model: Path, log_dir: Path, workers: int = 1,
-            batching: bool = False) -> Server:
+            batching: bool = False, drift: bool = True) -> Server:
     argv = [str(BIN / "bnserve-serve"), "--port", "{port}", "--model-path", str(model),
             "--workers", str(workers), "--host", "127.0.0.1"]
-    env = {"BNSERVE_BATCHING": "true" if batching else "false"}
+    env = {"BNSERVE_BATCHING": "true" if batching else "false",
+           "BNSERVE_DRIFT": "true" if drift else "false"}  # on by default, as in the service
     return Server(name, argv, env, log_dir / f"{name.replace('/', '_')}.log", workers)
 
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         # The same server twice: how far two identical cells differ is this machine's noise.
         Target("default/bnserve-control", "default", "bnserve again (noise control)",
                bnserve("bnserve-control", default_model, work)),
+        # Issue 13: what drift monitoring (on by default, so in every other bnserve row) costs.
+        Target(NO_DRIFT, "default", "bnserve, drift monitoring off",
+               bnserve("bnserve-nodrift", default_model, work, drift=False)),
         Target("default/bnserve-2w", "default", "bnserve, 2 workers",
                bnserve("bnserve-2w", default_model, work, workers=2)),
         Target("default/bnserve-2w+batching", "default", "bnserve, 2 workers, batching",

@@ -4,8 +4,16 @@ Nothing is written unless every check passes:
   1. ``onnx.checker`` with ``full_check`` (shape inference included);
   2. ONNX Runtime's probabilities equal the numpy inference-mode forward within ``TOL`` on the
      validation set stored in the checkpoint, and the predicted labels are the same;
-  3. the folded graph and the keep-batchnorm graph agree within ``TOL``;
-  4. every validation row predicted alone gives bit-for-bit the output it gets inside the batch.
+  3. each drift output ``drift.bn<l>`` equals the numpy forward's batch-norm output z~ of layer
+     l within ``TOL`` x max(1, max |z~|) (z~ is not bounded like a probability);
+  4. the folded graph and the keep-batchnorm graph agree within the same tolerances;
+  5. every validation row predicted alone gives bit-for-bit the outputs (all of them, drift
+     outputs included) it gets inside the batch.
+
+By default the model carries its own drift reference (metadata ``drift_reference``: the input
+standardisation and each batch norm's statistics) and exposes each batch norm's output as an
+extra graph output ``drift.bn<l>``, which the service watches and never returns
+(``model_export/drift_reference.py``); ``--no-drift-outputs`` writes the bare interface.
 
 The metadata holds the first validation rows too (``example_inputs``, exactly the values checked):
 the service's OpenAPI document makes its request examples from them (app/docs.py).
@@ -28,7 +36,15 @@ import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from model_export import checkpoint, graph, mlp, onnx_import, onnx_verify, outputs
+from model_export import (
+    checkpoint,
+    drift_reference,
+    graph,
+    mlp,
+    onnx_import,
+    onnx_verify,
+    outputs,
+)
 from model_export.batchnorm import Array
 from model_export.mlp import Network
 from model_export.train import DEFAULT_CHECKPOINT
@@ -78,11 +94,39 @@ def session(model_bytes: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(
-    sess: ort.InferenceSession, x: NDArray[np.float32]
-) -> tuple[Array, NDArray[np.int64]]:
-    probs, labels = sess.run([graph.OUTPUT_PROBS, graph.OUTPUT_LABEL], {graph.INPUT: x})
-    return np.asarray(probs), np.asarray(labels)
+def run_all(sess: ort.InferenceSession, x: NDArray[np.float32]) -> dict[str, NDArray[Any]]:
+    """Every graph output by name, the drift outputs included."""
+    names = [o.name for o in sess.get_outputs()]
+    return {n: np.asarray(v) for n, v in zip(names, sess.run(names, {graph.INPUT: x}), strict=True)}
+
+
+def bn_tolerance(expected: Array) -> float:
+    """A drift output's tolerance: ``TOL`` relative to its size (at least ``TOL``)."""
+    return TOL * max(1.0, float(np.abs(expected).max()))
+
+
+def _worst(got: dict[str, NDArray[Any]], expected: dict[str, Array]) -> tuple[str, float, float]:
+    """(name, max |d|, tolerance) of the drift output furthest from ``expected``, relative to
+    its tolerance; missing or misshapen outputs count as infinitely far."""
+    rows = []
+    for name, ref in expected.items():
+        out = got.get(name)
+        ok = out is not None and out.shape == ref.shape
+        diff = float(np.abs(out - ref).max()) if ok and out is not None else float("inf")
+        rows.append((name, diff, bn_tolerance(ref)))
+    return max(rows, key=lambda r: r[1] / r[2])
+
+
+def _check_drift(
+    got: dict[str, NDArray[Any]], expected: dict[str, Array], what: str, report: list[str],
+    log: Callable[[str], None],
+) -> None:
+    if not expected:
+        return
+    name, diff, tol = _worst(got, expected)
+    n = f"{len(expected)} drift output{'s' if len(expected) != 1 else ''}"
+    _check(diff <= tol, f"{what}: {n}, worst {name} max |dz| {diff:.2e} "
+           f"(tol {tol:.1e} = {TOL:.0e} x max(1, max |z~|))", report, log)
 
 
 def _check(ok: bool, line: str, report: list[str], log: Callable[[str], None]) -> None:
@@ -100,7 +144,10 @@ def export(
     folded: bool = True,
     model_version: str | None = None,
     log: Callable[[str], None] = print,
+    drift: bool = True,
 ) -> Exported:
+    """Build, verify and serialise; ``drift=False`` leaves out the drift outputs and
+    ``drift_reference``."""
     version = model_version or default_version(net)
     props = metadata(net, meta, version)
     examples = graph.example_inputs(verify_x)  # rows that every check below runs on
@@ -108,8 +155,8 @@ def export(
         props[graph.EXAMPLES] = examples
         props[graph.EXAMPLE_SOURCE] = (f"the first {len(examples)} rows of the validation set "
                                        "export verified on")
-    model = graph.build(net, props, folded=folded)
-    other = graph.build(net, props, folded=not folded)
+    model = graph.build(net, props, folded=folded, drift=drift)
+    other = graph.build(net, props, folded=not folded, drift=drift)
     report: list[str] = []
 
     onnx.checker.check_model(model, full_check=True)
@@ -120,9 +167,11 @@ def export(
     model_bytes = model.SerializeToString()
     x32 = verify_x.astype(np.float32)
     sess = session(model_bytes)
-    probs, labels = run_onnx(sess, x32)
+    outs = run_all(sess, x32)
+    probs, labels = outs[graph.OUTPUT_PROBS], outs[graph.OUTPUT_LABEL]
     # The reference sees exactly the float32 inputs the graph sees, computed in float64.
-    ref = mlp.forward_infer(net, x32.astype(np.float64))
+    x64 = x32.astype(np.float64)
+    ref = mlp.forward_infer(net, x64)
     diff = float(np.abs(probs - ref).max())
     same = int((labels == ref.argmax(axis=1)).sum())
     _check(
@@ -132,23 +181,32 @@ def export(
         report,
         log,
     )
+    drift_outputs = {n: v for n, v in outs.items() if n.startswith(drift_reference.PREFIX)}
+    expected = drift_reference.network_bn_outputs(net, x64) if drift else {}
+    if set(drift_outputs) != set(expected):  # cannot happen: a guard on build()
+        raise VerificationError(f"drift outputs {sorted(drift_outputs)} != {sorted(expected)}")
+    _check_drift(outs, expected, "batch-norm outputs z~ vs numpy inference forward", report, log)
 
-    other_probs, other_labels = run_onnx(session(other.SerializeToString()), x32)
-    diff = float(np.abs(probs - other_probs).max())
+    other_outs = run_all(session(other.SerializeToString()), x32)
+    diff = float(np.abs(probs - other_outs[graph.OUTPUT_PROBS]).max())
     _check(
-        diff <= TOL and bool((labels == other_labels).all()),
+        diff <= TOL and bool((labels == other_outs[graph.OUTPUT_LABEL]).all()),
         f"folded vs keep-batchnorm graph: max |dp| {diff:.2e} (tol {TOL:.0e}), labels equal",
         report,
         log,
     )
+    _check_drift(other_outs, {n: v.astype(np.float64) for n, v in drift_outputs.items()},
+                 "folded vs keep-batchnorm graph", report, log)
 
-    alone = [run_onnx(sess, x32[i : i + 1]) for i in range(len(x32))]  # one session, row by row
-    alone_probs = np.concatenate([a[0] for a in alone])
-    alone_labels = np.concatenate([a[1] for a in alone])
-    n_diff = int((alone_probs != probs).any(axis=1).sum() + (alone_labels != labels).sum())
+    alone = [run_all(sess, x32[i : i + 1]) for i in range(len(x32))]  # one session, row by row
+    n_diff = sum(
+        int(not all(np.array_equal(one[n], v[i : i + 1]) for n, v in outs.items()))
+        for i, one in enumerate(alone)
+    )
     _check(
         n_diff == 0,
-        f"each of {len(x32)} rows predicted alone vs inside the batch: {n_diff} differ (bitwise)",
+        f"each of {len(x32)} rows predicted alone vs inside the batch, all {len(outs)} outputs: "
+        f"{n_diff} differ (bitwise)",
         report,
         log,
     )
@@ -194,6 +252,7 @@ def _import(args: argparse.Namespace) -> int:
             class_names=_names_arg(args.classes, args.classes_file),
             feature_names=_names_arg(args.features, None),
             output=args.output, samples=samples, model_version=args.model_version,
+            drift=not args.no_drift_outputs,
         )
         result = onnx_import.import_model(args.from_onnx, opts)
     except (onnx_import.RefusedError, onnx_verify.VerificationError, OSError, ValueError) as e:
@@ -236,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         help="explicit BatchNormalization nodes instead of folding them into Gemm",
     )
     p.add_argument("--model-version", default=None, help="default: a hash of the parameters")
+    p.add_argument("--no-drift-outputs", action="store_true",
+                   help="write the bare interface: no drift.* monitoring outputs (each batch "
+                   "norm's output, which the service watches for input drift and never returns) "
+                   "and no drift_reference metadata")
     imp = p.add_argument_group("--from-onnx options")
     imp.add_argument("--output-kind", choices=onnx_import.OUTPUT_KINDS, default="logits",
                      help="logits: add Softmax and ArgMax; probabilities: add ArgMax; values: "
@@ -255,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         if (refused := outputs.refusal(out, outputs.origin_of(meta), "model", args.force)):
             raise checkpoint.CheckpointError(refused)
         result = export(
-            net, meta, verify_x, folded=not args.keep_batchnorm, model_version=args.model_version
+            net, meta, verify_x, folded=not args.keep_batchnorm,
+            model_version=args.model_version, drift=not args.no_drift_outputs,
         )
     except (checkpoint.CheckpointError, VerificationError, onnx.checker.ValidationError) as e:
         print(f"bnserve-export: error: {e}", file=sys.stderr)

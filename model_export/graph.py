@@ -4,6 +4,11 @@ Interface (what ``app/`` relies on):
     input   features       float32 [N, n_features]   raw feature values, in ``feature_names`` order
     output  probabilities  float32 [N, n_classes]    softmax over ``class_names``
     output  label          int64   [N]               argmax index into ``class_names``
+    output  drift.bn<l>    float32 [N, hidden[l]]    layer l's batch-norm output z~, before ReLU:
+                                                     for drift monitoring only, described by
+                                                     metadata ``drift_reference``
+                                                     (``model_export/drift_reference.py``);
+                                                     absent with ``drift=False``
 
 Folded (default): standardisation and every Linear+BatchNorm pair become one Gemm each. With
 x_std = (x - m) / s and z = x_std @ W, the Linear on raw x is W0 = W / s (rows) with bias
@@ -25,7 +30,7 @@ import onnx
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from model_export import batchnorm
+from model_export import batchnorm, drift_reference
 from model_export.batchnorm import Array
 from model_export.mlp import Network
 
@@ -94,15 +99,21 @@ def _init(name: str, value: Array) -> TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(value, dtype=np.float32), name)
 
 
-def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.ModelProto:
+def build(
+    net: Network, metadata: dict[str, Any], folded: bool = True, drift: bool = True
+) -> onnx.ModelProto:
+    """The graph; with ``drift``, each hidden layer's batch-norm output is also a graph output
+    (``drift.bn<l>``) and the metadata holds ``drift_reference``."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = []
+    bn_out = [drift_reference.tensor_name(f"bn{l}") if drift else None
+              for l in range(net.n_hidden)]
     if folded:
         layers = folded_layers(net)
         a = INPUT
         for l, (w, b) in enumerate(layers):
             inits += [_init(f"gemm{l}.W", w), _init(f"gemm{l}.b", b)]
-            z = "logits" if l == len(layers) - 1 else f"gemm{l}.out"
+            z = "logits" if l == len(layers) - 1 else (bn_out[l] or f"gemm{l}.out")
             nodes.append(
                 helper.make_node("Gemm", [a, f"gemm{l}.W", f"gemm{l}.b"], [z], name=f"gemm{l}")
             )
@@ -138,12 +149,14 @@ def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.M
                 helper.make_node(
                     "BatchNormalization",
                     [f"linear{l}.out", *names],
-                    [f"bn{l}.out"],
+                    [bn_out[l] or f"bn{l}.out"],
                     name=f"bn{l}",
                     epsilon=net.eps,
                     momentum=net.beta_avg,
                 ),
-                helper.make_node("Relu", [f"bn{l}.out"], [f"relu{l}.out"], name=f"relu{l}"),
+                helper.make_node(
+                    "Relu", [bn_out[l] or f"bn{l}.out"], [f"relu{l}.out"], name=f"relu{l}"
+                ),
             ]
             a = f"relu{l}.out"
         inits += [_init("output.W", p["output.weight"]), _init("output.b", p["output.bias"])]
@@ -162,6 +175,11 @@ def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.M
         [
             helper.make_tensor_value_info(OUTPUT_PROBS, TensorProto.FLOAT, ["N", net.n_classes]),
             helper.make_tensor_value_info(OUTPUT_LABEL, TensorProto.INT64, ["N"]),
+            *(
+                drift_reference.output_info(name, net.params[f"hidden.{l}.gamma"].shape[0])
+                for l, name in enumerate(bn_out)
+                if name is not None
+            ),
         ],
         initializer=inits,
         doc_string="Batch-norm MLP in inference mode: each row's output depends on that row alone.",
@@ -171,6 +189,10 @@ def build(net: Network, metadata: dict[str, Any], folded: bool = True) -> onnx.M
     )
     model.ir_version = IR_VERSION
     props = {**metadata, "format": FORMAT, "folded": "true" if folded else "false"}
+    if drift:
+        props[drift_reference.KEY] = drift_reference.for_network(
+            net, metadata.get("feature_names")
+        )
     helper.set_model_props(model, {k: _text(v) for k, v in sorted(props.items())})
     return model
 

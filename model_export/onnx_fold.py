@@ -30,6 +30,7 @@ from onnx import helper
 
 from model_export import folding
 from model_export.batchnorm import Array
+from model_export.drift_reference import BatchNormStats
 from model_export.onnx_graph import Graph, attr, set_attr
 
 BN = "BatchNormalization"
@@ -42,6 +43,23 @@ class RefusedError(ValueError):
     """The graph cannot be folded into a model that serves each example on its own."""
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one batch norm: its statistics as recorded before folding, the name of its
+    output, and where it went (``into`` as in the report; None when it was left in place)."""
+
+    label: str
+    output: str
+    stats: BatchNormStats
+    into: str | None
+
+    @property
+    def output_kept(self) -> bool:
+        """Whether a tensor named ``output`` still carries the batch norm's output: not when it
+        was folded into the following operator, whose input is now the batch norm's input."""
+        return self.into is None or not self.into.startswith("following")
+
+
 @dataclass
 class FoldReport:
     batchnorms: int = 0
@@ -49,6 +67,7 @@ class FoldReport:
     left: list[str] = field(default_factory=list)
     nodes_before: int = 0
     nodes_after: int = 0
+    outcomes: list[Outcome] = field(default_factory=list)  # graph order; not in as_dict()
 
     @property
     def folded(self) -> int:
@@ -85,6 +104,7 @@ class _Norm:
     s: Array
     t: Array
     dtype: np.dtype[Any]
+    stats: BatchNormStats
 
 
 def check(graph: Graph) -> list[_Norm]:
@@ -120,8 +140,10 @@ def check(graph: Graph) -> list[_Norm]:
         if (var < 0).any() or not all(np.isfinite(v).all() for v in (gamma, beta, mean, var)):
             raise RefusedError(f"{label(node)}: its statistics hold negative variances or "
                                "non-finite values; the file is corrupt or was not trained")
-        s, t = folding.affine(gamma, beta, mean, var, float(attr(node, "epsilon", 1e-5)))
-        norms.append(_Norm(node, s, t, np.asarray(values[0]).dtype))
+        eps = float(attr(node, "epsilon", 1e-5))
+        s, t = folding.affine(gamma, beta, mean, var, eps)
+        norms.append(_Norm(node, s, t, np.asarray(values[0]).dtype,
+                           BatchNormStats(mean, var, gamma, beta, eps)))
     return norms
 
 
@@ -141,7 +163,9 @@ def fold_batchnorms(model: onnx.ModelProto) -> FoldReport:
     report = FoldReport(batchnorms=len(norms), nodes_before=len(model.graph.node))
     for norm in norms:
         rank = ranks.get(norm.node.input[0])
+        what, output = label(norm.node), norm.node.output[0]  # before the node is removed
         into = _fold_after(graph, norm, rank) or _fold_before(graph, norm, rank)
+        report.outcomes.append(Outcome(what, output, norm.stats, into))
         if into is not None:
             report.into[into] += 1
             continue

@@ -13,6 +13,14 @@ Steps, each refusing (``RefusedError``, exit status 2, nothing written) what it 
    ``values`` and served as it is;
 5. metadata (the interface ``app/predictor.py`` checks, and the first samples verified on as
    ``example_inputs`` for the service's OpenAPI examples), then the whole file is verified again.
+
+Drift monitoring (unless ``Options.drift`` is off, ``--no-drift-outputs``): each batch norm's
+statistics are recorded before folding, and after folding every batch-norm output that a tensor
+still carries becomes an extra graph output ``drift.bn<i>`` (i counts the batch norms in graph
+order), described in metadata ``drift_reference`` (``model_export/drift_reference.py``; no input
+group: an imported model's input statistics are unknown). A batch norm folded into the operator
+that follows it has no output any more: the log and the fold report say "not monitored". The
+final check compares each drift output with the original file's batch-norm output.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ from google.protobuf.message import DecodeError
 from numpy.typing import NDArray
 from onnx import TensorProto, helper
 
+from model_export import drift_reference, onnx_verify
 from model_export import graph as bnserve_graph
-from model_export import onnx_verify
 from model_export.onnx_fold import FoldReport, RefusedError, fold_batchnorms, label
 from model_export.onnx_graph import Graph, attr
 
@@ -52,6 +60,7 @@ class Options:
     output: str | None = None  # which graph output to serve; default: the only one
     samples: NDArray[np.float32] | None = None
     model_version: str | None = None
+    drift: bool = True  # drift.* outputs and drift_reference
 
 
 @dataclass(frozen=True)
@@ -210,8 +219,11 @@ def add_head(model: onnx.ModelProto, kind: OutputKind, example_out: tuple[int, .
 
 
 def _set_output(g: onnx.GraphProto, outputs: list[tuple[str, Any, list[Any]]]) -> None:
+    """The served outputs, then the drift outputs as they were."""
+    drift = [o for o in g.output if o.name.startswith(drift_reference.PREFIX)]
     del g.output[:]
     g.output.extend(helper.make_tensor_value_info(n, t, s) for n, t, s in outputs)
+    g.output.extend(drift)
 
 
 def _names(given: list[str] | None, n: int, prefix: str, what: str) -> list[str]:
@@ -243,10 +255,15 @@ def import_model(
     t0 = time.perf_counter()
     report = fold_batchnorms(prepared)
     seconds = time.perf_counter() - t0
-    lines = [*notes, report.summary(), *report.left]
+    exposed = (drift_reference.expose_batchnorms(prepared, report.outcomes) if opts.drift
+               else drift_reference.Exposed([], {}, {}, []))
+    lines = [*notes, report.summary(), *report.left, *exposed.not_monitored]
     for line in lines:
         log(line)
-    reference = onnx_verify.run_original(original, iface, samples)
+    tensors = onnx_verify.run_original_tensors(
+        original, iface, samples, [iface.output_name, *exposed.originals.values()])
+    reference = tensors[iface.output_name]
+    drift_expected = {d: tensors[o] for d, o in exposed.originals.items()}
     lines += onnx_verify.check_folded(prepared, reference, samples, log)
 
     kind = opts.output_kind
@@ -255,7 +272,10 @@ def import_model(
     props: dict[str, Any] = {
         "format": bnserve_graph.FORMAT,
         "output_kind": "values" if kind == "values" else "classifier",
-        "fold_report": {**report.as_dict(), "notes": notes},  # no timings: same input, same bytes
+        "fold_report": {**report.as_dict(), "notes": notes,  # no timings: same input, same bytes
+                        **({"drift": {"monitored": exposed.monitored,
+                                      "not_monitored": exposed.not_monitored}}
+                           if opts.drift else {})},
         "source": f"onnx:{path.name} sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}",
         "source_producer": f"{original.producer_name} {original.producer_version}".strip(),
         "opset": opset,
@@ -275,12 +295,14 @@ def import_model(
     elif opts.feature_names is not None:
         raise RefusedError("--features names the values of a 1-D input; this model's input is "
                            f"{list(iface.input_shape)} per example")
+    if exposed.groups:
+        props[drift_reference.KEY] = drift_reference.reference(exposed.groups)
     props["model_version"] = opts.model_version or _version(prepared)
     del prepared.metadata_props[:]
     helper.set_model_props(prepared, {key: v if isinstance(v, str) else json.dumps(v)
                                       for key, v in sorted(props.items())})
     prepared.producer_name, prepared.producer_version = "bnserve", ""
-    lines += onnx_verify.check_final(prepared, reference, kind, samples, log)
+    lines += onnx_verify.check_final(prepared, reference, kind, samples, log, drift_expected)
     return Imported(prepared.SerializeToString(), report, lines, seconds)
 
 

@@ -9,9 +9,12 @@ at the batch size the file allows. Against it:
    the reference itself for ``probabilities`` and ``values``; labels equal wherever the
    reference's top two classes are further apart than the tolerance), the same file run by
    ``onnx.reference`` on the first samples, and each sample alone equal to the same sample
-   inside the batch, bit for bit.
+   inside the batch, bit for bit (every output, the drift outputs included);
+3. each drift output ``drift.bn<i>`` of the final file against the original file's output of
+   that batch norm (the original run again with that tensor as an extra output).
 
-Tolerance, absolute: ``1e-4 * max(1, max |reference output|)``. Folding reorders float32
+Tolerance, absolute: ``1e-4 * max(1, max |reference output|)`` (for a drift output, its own
+reference tensor's maximum). Folding reorders float32
 arithmetic (the scale is multiplied into the weights before the sums instead of after), so a
 deep network accumulates differences of a few float32 ulps per layer, about 1e-6 relative; a
 wrong fold moves outputs by the size of a batch-norm shift, orders of magnitude more.
@@ -19,6 +22,7 @@ wrong fold moves outputs by the size of a batch-norm shift, orders of magnitude 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from numpy.typing import NDArray
+from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
 from model_export import graph as bnserve_graph
@@ -77,22 +82,34 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def run_original(model: onnx.ModelProto, iface: Interface, x: F32) -> NDArray[np.float64]:
-    """The original file's chosen output for every sample, in float64."""
+def run_original_tensors(model: onnx.ModelProto, iface: Interface, x: F32,
+                         names: list[str]) -> dict[str, NDArray[np.float64]]:
+    """Any tensors of the original file (intermediate ones made extra graph outputs of a copy)
+    for every sample, in float64, in one run."""
+    unique = list(dict.fromkeys(names))
+    m = copy.deepcopy(model)
+    present = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in unique
+                          if n not in present)
+    return dict(zip(unique, _run_original(m, iface, x, unique), strict=True))
+
+
+def _run_original(model: onnx.ModelProto, iface: Interface, x: F32,
+                  names: list[str]) -> list[NDArray[np.float64]]:
     try:
         sess = session(model, optimize=False)
         step = iface.fixed_batch or len(x)
-        outs = []
+        chunks: list[list[NDArray[Any]]] = []
         for start in range(0, len(x), step):
             chunk = x[start : start + step]
             padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]),
                                                      np.float32)])
-            out = sess.run([iface.output_name], {iface.input_name: padded})[0]
-            outs.append(np.asarray(out)[: len(chunk)])
+            outs = sess.run(names, {iface.input_name: padded})
+            chunks.append([np.asarray(o)[: len(chunk)] for o in outs])
     except Exception as e:  # ORT's own exception types
         raise RefusedError(
             f"ONNX Runtime cannot run the original model: {_first_line(e)}") from None
-    return np.concatenate(outs).astype(np.float64)
+    return [np.concatenate([c[k] for c in chunks]).astype(np.float64) for k in range(len(names))]
 
 
 def tolerance(reference: NDArray[np.float64]) -> float:
@@ -142,7 +159,7 @@ def check_folded(
     except Exception as e:  # a rewrite ONNX Runtime cannot load is a folding bug: never written
         raise VerificationError(
             f"ONNX Runtime cannot load the folded graph: {_first_line(e)}") from None
-    (out,) = _run_batch(sess, x, "folded")
+    out = _run_batch(sess, x, "folded")[0]  # the served output; drift outputs: check_final
     tol = tolerance(reference)
     _check_batch_independence(sess, x, out, tol)
     ok_shape = out.shape == reference.shape
@@ -189,16 +206,40 @@ def _check_reference_evaluator(
         line = f"verify: onnx.reference vs ONNX Runtime on the final file ... not run: {gap}"
         log(line)
         return line
-    diff = max(float(np.abs(np.asarray(r, dtype=np.float64) - o[:n_ref]).max())
-               for r, o in zip(ref_outs, outs, strict=True))
-    return _check(diff <= tol, f"onnx.reference vs ONNX Runtime on the final file, {n_ref} "
-                  f"samples: max |d| {diff:.2e} (tol {tol:.1e})", log)
+    # Each output within its own scale: drift outputs are not bounded like probabilities.
+    ratio, diff, tol = max(
+        (d / t, d, t)
+        for r, o in zip(ref_outs, outs, strict=True)
+        for d, t in [(float(np.abs(np.asarray(r, dtype=np.float64) - o[:n_ref]).max()),
+                      max(tol, tolerance(o[:n_ref].astype(np.float64))))]
+    )
+    return _check(ratio <= 1, f"onnx.reference vs ONNX Runtime on the final file, {n_ref} "
+                  f"samples, {len(outs)} outputs: worst max |d| {diff:.2e} (tol {tol:.1e})", log)
+
+
+def _check_drift(names: list[str], outs: list[NDArray[Any]],
+                 expected: dict[str, NDArray[np.float64]], x: F32,
+                 log: Callable[[str], None]) -> str:
+    """Each drift output against the original's batch-norm output; one line, the worst one."""
+    by_name = dict(zip(names, outs, strict=True))
+    rows = []
+    for name, ref in expected.items():
+        got = by_name.get(name)
+        ok = got is not None and got.shape == ref.shape
+        diff = float(np.abs(got - ref).max()) if ok and got is not None else float("inf")
+        rows.append((diff / tolerance(ref), name, diff, tolerance(ref)))
+    ratio, name, diff, tol = max(rows)
+    n = f"{len(expected)} drift output{'s' if len(expected) != 1 else ''}"
+    return _check(ratio <= 1, f"{n} vs the original's batch-norm outputs on {len(x)} samples: "
+                  f"worst {name} max |d| {diff:.2e} (tol {tol:.1e} = {RTOL:g} x max(1, max "
+                  "|tensor|))", log)
 
 
 def check_final(
     final: onnx.ModelProto, reference: NDArray[np.float64], kind: str, x: F32,
-    log: Callable[[str], None],
+    log: Callable[[str], None], drift: dict[str, NDArray[np.float64]] | None = None,
 ) -> list[str]:
+    """``drift``: each drift output's expected values (the original's batch-norm output)."""
     lines = []
     try:
         onnx.checker.check_model(final, full_check=True)
@@ -229,6 +270,8 @@ def check_final(
         lines.append(_check(bool(same[clear].all()),
                             f"labels equal the original's argmax: {int(same[clear].sum())}/"
                             f"{int(clear.sum())} (ties within the tolerance excluded)", log))
+    if drift:
+        lines.append(_check_drift([o.name for o in sess.get_outputs()], outs, drift, x, log))
     lines.append(_check_reference_evaluator(final, x, outs, tol, log))
     alone = [_run_batch(sess, x[i : i + 1], "final") for i in range(len(x))]
     n_diff = sum(

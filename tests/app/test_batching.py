@@ -126,14 +126,20 @@ def test_a_failing_run_is_retried_row_by_row_so_only_the_culprit_fails(
         app = await started(trained, batching=True)
         assert app.rt.model is not None
         predictor = app.rt.model.predictor
-        real = predictor.predict
+        real, real_watched = predictor.predict, predictor.run_watched
 
         def predict(x: Any) -> Any:
             if (x[:, 0] == poison).any():
                 raise RuntimeError("the runtime failed")
             return real(x)
 
+        def run_watched(x: Any) -> Any:  # the run drift monitoring takes (on by default)
+            if (x[:, 0] == poison).any():
+                raise RuntimeError("the runtime failed")
+            return real_watched(x)
+
         monkeypatch.setattr(predictor, "predict", predict)
+        monkeypatch.setattr(predictor, "run_watched", run_watched)
         bad = trained.x_val[0].copy()
         bad[0] = poison
         bodies = [body(r) for r in trained.x_val[:10]] + [body(bad)]

@@ -93,6 +93,7 @@ def test_internal_error_is_generic_500_with_request_id_and_logged_traceback(
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(predictor, "predict", broken)
+    monkeypatch.setattr(predictor, "run_watched", broken)  # drift monitoring's run
     caplog.set_level(logging.ERROR, logger="bnserve")
     r = client.post("/predict", json={"features": ROW}, headers={"x-request-id": "req-500"})
     assert r.status_code == 500

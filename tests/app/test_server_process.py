@@ -313,3 +313,21 @@ def test_invalid_settings_exit_2_and_name_the_setting(start_server: Any) -> None
     text = server.log_path.read_text()
     assert "invalid settings" in text
     assert "workers" in text
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_exits_3_with_one_clear_line_before_loading_the_model(
+    start_server: Any, workers: int
+) -> None:
+    with socket.socket() as taken:  # another process's listener on the port bnserve is given
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(port=port, workers=workers)
+        assert server.proc.wait(30) == 3
+    logs = server.json_logs()
+    errors = [x["msg"] for x in logs if x["level"] == "error"]
+    assert f"cannot listen on 127.0.0.1:{port}" in errors[-1]
+    assert "BNSERVE_PORT" in errors[-1]
+    assert not any(x["msg"] == "model ready" for x in logs)  # it stopped before the load
+    assert "terminate called" not in server.log_path.read_text()  # no abort from ORT threads

@@ -114,7 +114,7 @@ def test_graph_interface_and_metadata(
     assert [i.name for i in m.graph.input] == ["features"]
     dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["N", 30]
-    assert [o.name for o in m.graph.output] == ["probabilities", "label"]
+    assert [o.name for o in m.graph.output] == ["probabilities", "label", "drift.bn0", "drift.bn1"]
     props = {p.key: p.value for p in m.metadata_props}
     assert json.loads(props["feature_names"]) == default_result.meta["feature_names"]
     assert json.loads(props["class_names"]) == ["benign", "malignant"]
@@ -134,7 +134,7 @@ def test_exported_graphs_run_by_onnx_reference_equal_numpy_forward(
     x = default_result.x_val.astype(np.float32)
     ref = mlp.forward_infer(default_result.net, x.astype(np.float64))
     for model in exported.values():
-        probs, labels = _ref(model, {"features": x})
+        probs, labels, *_ = _ref(model, {"features": x})  # then the drift outputs
         np.testing.assert_allclose(probs, ref, atol=TOL)
         np.testing.assert_array_equal(labels, ref.argmax(axis=1))
 
@@ -191,7 +191,7 @@ def test_default_export_end_to_end_is_verified_and_byte_identical(
     ckpt1, model1, path = _train_and_export(tmp_path / "a")
     out = capsys.readouterr().out
     assert "epoch  40/40" in out
-    assert out.count("... ok") == 4
+    assert out.count("... ok") == 6
     assert "0 differ (bitwise)" in out
     ckpt2, model2, _ = _train_and_export(tmp_path / "b")
     assert ckpt1 == ckpt2
@@ -236,7 +236,7 @@ def test_user_csv_with_string_labels_and_population_estimator(tmp_path: Path) ->
     assert net.estimator == "population"
     sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     assert sess.get_modelmeta().custom_metadata_map["estimator"] == "population"
-    probs, labels = sess.run(None, {"features": vx.astype(np.float32)})
+    probs, labels, *_ = sess.run(None, {"features": vx.astype(np.float32)})  # then drift.*
     pop = mlp.forward_infer(
         net, vx.astype(np.float32).astype(np.float64), net.layer_stats("population")
     )
