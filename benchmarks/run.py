@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import floor
@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 def _json_default(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, PurePath):  # paths among the settings (e.g. --kserve-venv)
+        return str(value)
     raise TypeError(type(value).__name__)
 
 

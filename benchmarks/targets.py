@@ -44,6 +44,11 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "measured": round(measured, 4), "unit": unit, "met": met})
 
     bn, bnb = "default/bnserve", "default/bnserve+batching"
+    # A server that answered errors was measured answering errors: no ratio against it holds.
+    errors = {f"{c['key']} c={c['concurrency']}": c["errors"]
+              for c in result["cells"] if c["errors"]}
+    add("cells with failed requests" + (f" ({', '.join(sorted(errors))})" if errors else ""),
+        len(errors), 0, False)
     add("c=16 req/s vs bare ASGI", _ratio(result, bn, "default/bare", 16), 0.30, True, "x")
     add("c=16 req/s vs naive FastAPI", _ratio(result, bn, "default/naive", 16), 3.0, True, "x")
     add("c=16 p99", cell(result, bn, 16)["p99_ms"], 6.0, False, " ms")

@@ -46,7 +46,8 @@ class OnnxModel(Model):
                 ) -> InferResponse:
         assert self.session is not None
         x = payload.inputs[0].as_numpy()
-        probabilities, label = self.session.run(None, {self.input_name: x})
+        # by name: bnserve files also carry drift.* monitoring outputs, not served over V2
+        probabilities, label = self.session.run(["probabilities", "label"], {self.input_name: x})
         binary = payload.use_binary_outputs
         outputs = []
         for name, value, datatype in (("probabilities", probabilities, "FP32"),

@@ -39,7 +39,8 @@ def make_app(model_path: str) -> FastAPI:
     @app.post("/predict")
     def predict(req: PredictRequest) -> dict[str, object]:  # type: ignore[valid-type]
         x = np.array([req.features], dtype=np.float32)  # type: ignore[attr-defined]
-        probs, labels = session.run(None, {"features": x})
+        # by name: bnserve files also carry drift.* monitoring outputs, which a wrapper ignores
+        probs, labels = session.run(["probabilities", "label"], {"features": x})
         k = int(labels[0])
         return {"class": classes[k], "class_index": k,
                 "probabilities": dict(zip(classes, probs[0].tolist(), strict=True))}
