@@ -123,7 +123,6 @@ def test_dockerfile_installs_only_from_the_lock_files() -> None:
 # --- the Makefile, in a scratch copy ------------------------------------------------------------
 
 MAKE = shutil.which("make")
-needs_make = pytest.mark.skipif(MAKE is None, reason="no make")
 
 
 class Scratch:
@@ -149,7 +148,7 @@ class Scratch:
 
     def make(self, *args: str, env: dict[str, str] | None = None, dry: bool = True
              ) -> subprocess.CompletedProcess[str]:
-        assert MAKE is not None
+        assert MAKE is not None, "make is not installed: the README's set-up needs it"
         base = {k: v for k, v in os.environ.items()
                 if k not in {"BNSERVE_MODEL_PATH", "MODEL", "CHECKPOINT", "MAKEFLAGS"}}
         return subprocess.run(
@@ -173,7 +172,6 @@ def scratch(tmp_path: Path) -> Scratch:
     return Scratch(tmp_path)
 
 
-@needs_make
 def test_fresh_serve_installs_the_serve_lock_only_then_trains_exports_and_serves(
     scratch: Scratch,
 ) -> None:
@@ -189,7 +187,6 @@ def test_fresh_serve_installs_the_serve_lock_only_then_trains_exports_and_serves
     assert plan.rstrip().endswith("BNSERVE_MODEL_PATH=models/default.onnx .venv/bin/bnserve-serve")
 
 
-@needs_make
 def test_fresh_test_installs_the_dev_lock_and_runs_everything(scratch: Scratch) -> None:
     plan = scratch.plan("test")
     assert installs(plan) == ["dev"]
@@ -200,7 +197,6 @@ def test_fresh_test_installs_the_dev_lock_and_runs_everything(scratch: Scratch) 
     assert fast.rstrip().endswith('.venv/bin/pytest -q -m "not slow"')
 
 
-@needs_make
 def test_test_then_serve_installs_nothing_more(scratch: Scratch) -> None:
     scratch.installed("serve", "loadtest", "dev")  # what the dev install leaves
     scratch.touch("models/default.onnx")
@@ -209,7 +205,6 @@ def test_test_then_serve_installs_nothing_more(scratch: Scratch) -> None:
     assert installs(scratch.plan("test")) == []
 
 
-@needs_make
 def test_serve_then_test_adds_the_dev_tools(scratch: Scratch) -> None:
     scratch.installed("serve")
     assert installs(scratch.plan("serve")) == []
@@ -217,7 +212,6 @@ def test_serve_then_test_adds_the_dev_tools(scratch: Scratch) -> None:
     assert installs(scratch.plan("loadtest")) == ["loadtest"]
 
 
-@needs_make
 def test_a_new_lock_file_reinstalls(scratch: Scratch) -> None:
     scratch.installed("serve", "loadtest", "dev")
     scratch.touch("requirements/serve.txt", "requirements/dev.txt")
@@ -225,7 +219,6 @@ def test_a_new_lock_file_reinstalls(scratch: Scratch) -> None:
     assert installs(scratch.plan("test")) == ["dev"]
 
 
-@needs_make
 def test_model_precedence_command_line_then_environment_then_default(scratch: Scratch) -> None:
     scratch.installed("serve")
     scratch.touch("models/default.onnx", "models/cli.onnx", "models/env.onnx")
@@ -240,7 +233,6 @@ def test_model_precedence_command_line_then_environment_then_default(scratch: Sc
     assert served.format("models/default.onnx") in scratch.plan("serve", env={"MODEL": "x.onnx"})
 
 
-@needs_make
 def test_an_existing_model_is_served_as_it_is_and_re_exported_after_its_checkpoint(
     scratch: Scratch,
 ) -> None:
@@ -257,7 +249,6 @@ def test_an_existing_model_is_served_as_it_is_and_re_exported_after_its_checkpoi
     assert ".venv/bin/bnserve-export --checkpoint models/my.ckpt --out models/other.onnx" in plan
 
 
-@needs_make
 def test_a_missing_non_default_model_without_checkpoint_fails_and_says_what_to_do(
     scratch: Scratch,
 ) -> None:
@@ -269,7 +260,6 @@ def test_a_missing_non_default_model_without_checkpoint_fails_and_says_what_to_d
     assert "bnserve-serve" not in done.stdout
 
 
-@needs_make
 def test_loadtest_takes_the_checkpoint(scratch: Scratch) -> None:
     scratch.installed("serve", "loadtest", "dev")
     plan = scratch.plan("loadtest")
