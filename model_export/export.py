@@ -145,11 +145,12 @@ def export(
     model_version: str | None = None,
     log: Callable[[str], None] = print,
     drift: bool = True,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> Exported:
     """Build, verify and serialise; ``drift=False`` leaves out the drift outputs and
-    ``drift_reference``."""
+    ``drift_reference``; ``extra_metadata`` adds keys (e.g. ``recalibrated_from``)."""
     version = model_version or default_version(net)
-    props = metadata(net, meta, version)
+    props = {**(extra_metadata or {}), **metadata(net, meta, version)}
     examples = graph.example_inputs(verify_x)  # rows that every check below runs on
     if examples is not None:
         props[graph.EXAMPLES] = examples

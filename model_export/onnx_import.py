@@ -61,6 +61,7 @@ class Options:
     samples: NDArray[np.float32] | None = None
     model_version: str | None = None
     drift: bool = True  # drift.* outputs and drift_reference
+    extra_metadata: dict[str, Any] | None = None  # added keys, e.g. recalibrated_from
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,7 @@ def import_model(
     example_out = reference.shape[1:]
     k = add_head(prepared, kind, tuple(int(d) for d in example_out))
     props: dict[str, Any] = {
+        **(opts.extra_metadata or {}),
         "format": bnserve_graph.FORMAT,
         "output_kind": "values" if kind == "values" else "classifier",
         "fold_report": {**report.as_dict(), "notes": notes,  # no timings: same input, same bytes

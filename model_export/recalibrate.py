@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 from dataclasses import replace
@@ -32,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from model_export import (
     checkpoint,
@@ -61,21 +59,6 @@ def recalibrate_network(net: Network, x: Array, standardisation: bool = False) -
         new.stats["input.mean"], new.stats["input.std"] = data.standardisation(x)
     mlp.set_population_stats(new, mlp.population_stats(new, x))
     return new
-
-
-def with_metadata(model_bytes: bytes, props: dict[str, Any]) -> bytes:
-    """The verified model with ``props`` added to its metadata, keys sorted as export sorts them.
-    Only metadata changes: the graph's bytes are checked to be the ones verified."""
-    model = onnx.load_from_string(model_bytes)
-    merged = {p.key: p.value for p in model.metadata_props}
-    merged.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
-    verified = model.graph.SerializeToString()
-    del model.metadata_props[:]
-    helper.set_model_props(model, dict(sorted(merged.items())))
-    if model.graph.SerializeToString() != verified:  # cannot happen: a guard
-        raise export.VerificationError("adding metadata changed the graph")
-    out: bytes = model.SerializeToString()
-    return out
 
 
 def provenance(inputs: new_inputs.NewInputs, **what: Any) -> dict[str, Any]:
@@ -113,9 +96,10 @@ def from_checkpoint(args: argparse.Namespace) -> None:
     # Training figures describe the old statistics: they do not carry over.
     new_meta = {**meta, "figures": {}, KEY: source}
     verify_rows = np.concatenate([verify_x, inputs.x[:N_VERIFY_NEW]])
-    result = export.export(new, new_meta, verify_rows, model_version=args.model_version)
+    result = export.export(new, new_meta, verify_rows, model_version=args.model_version,
+                           extra_metadata={KEY: source})
     _write(args.out or outputs.derived(args.checkpoint, "-recalibrated.onnx"),
-           with_metadata(result.model_bytes, {KEY: source}), args.force)
+           result.model_bytes, args.force)
     if args.out_checkpoint is not None:
         checkpoint.save(args.out_checkpoint, new, new_meta, verify_x, verify_y)
         print(f"checkpoint written: {args.out_checkpoint}")
@@ -142,7 +126,11 @@ def from_onnx(args: argparse.Namespace) -> None:
     opts = onnx_import.Options(
         output_kind=args.output_kind, class_names=_names(args.classes, args.classes_file),
         feature_names=features, output=args.output, samples=samples,
-        model_version=args.model_version)
+        model_version=args.model_version,
+        extra_metadata={KEY: provenance(
+            inputs, model=f"onnx:{args.onnx.name} sha256 "
+            f"{hashlib.sha256(args.onnx.read_bytes()).hexdigest()}",
+            reestimated=[s.node for s in layers])})
     print("folding and verifying the recalibrated graph (\"the original\" below: the graph "
           "with the new statistics)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,12 +138,8 @@ def from_onnx(args: argparse.Namespace) -> None:
         path = Path(tmp) / args.onnx.name
         onnx.save(updated, str(path))
         result = onnx_import.import_model(path, opts)
-    source = provenance(
-        inputs, model=f"onnx:{args.onnx.name} sha256 "
-        f"{hashlib.sha256(args.onnx.read_bytes()).hexdigest()}",
-        reestimated=[s.node for s in layers])
     _write(args.out or outputs.derived(args.onnx, "-recalibrated.onnx"),
-           with_metadata(result.model_bytes, {KEY: source}), args.force)
+           result.model_bytes, args.force)
     if args.out_unfolded is not None:
         export.write_atomic(args.out_unfolded, updated.SerializeToString())
         print(f"unfolded recalibrated graph written: {args.out_unfolded}")
