@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+import drift_ab
 import floor
 import image_model
 import kserve_env
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=3, help="measured seconds per cell")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell")
+    p.add_argument("--drift-rounds", type=int, default=10,
+                   help="rounds of the drift monitoring A/B (benchmarks/drift_ab.py)")
     p.add_argument("--memory-requests", type=int, default=200_000)
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
     p.add_argument("--kserve-venv", type=Path, default=kserve_env.VENV,
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "wide": floor.measure(wide, checkpoint.load(wide.with_suffix(".ckpt"))[2]),
         "image": floor.measure(image, np.load(image_model.FIXTURE / "resnet_basic.inputs.npy")),
     }
+    print("drift monitoring: a watched run against a plain one, in-process", flush=True)
+    drift_inprocess = drift_ab.inprocess(default_model, checkpoint.load(default_ckpt)[2])
     print("image model: where one request's time goes, in-process", flush=True)
     image_split = image_model.time_split(image, image_rows)
     bnserve_default = bnserve("bnserve", default_model, work)
@@ -275,6 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                           f"{cell['rps']:9.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
                           f"p99 {cell['p99_ms']:.3f} ms  {cell['cpu_us']:.0f} us CPU/req",
                           flush=True)
+        print(f"drift monitoring A/B: {args.drift_rounds} rounds at c=16", flush=True)
+        drift = drift_ab.ab(
+            lambda name, on: bnserve(name, default_model, work, drift=on),
+            lambda server: measure_cell(wrk, Target("drift-ab", "default", "drift A/B", server),
+                                        scripts["default"], 16, args.seconds, args.warmup),
+            args.drift_rounds)
+        drift["inprocess"] = drift_inprocess
         print(f"memory: {args.memory_requests} requests at c=16", flush=True)
         by_key = {t.key: t for t in targets_}
         memory = {key: memory_check(wrk, by_key[key].server, scripts["default"],
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                    "install_seconds": kserve_install},
         "floor": floors, "image_time_split_us": image_split, "servers": servers,
         "cells": [asdict(c) for c in cells],
-        "memory": memory, "cold_start_seconds": colds,
+        "drift_ab": drift, "memory": memory, "cold_start_seconds": colds,
         "wall_seconds": time.time() - started,
     }
     result["targets"] = targets.check(result)
