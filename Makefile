@@ -36,7 +36,7 @@ DEFAULT_CHECKPOINT := models/default.ckpt
 MODEL := $(or $(BNSERVE_MODEL_PATH),$(DEFAULT_MODEL))
 CHECKPOINT := $(basename $(MODEL)).ckpt
 
-.PHONY: serve model test test-fast lint chromium promtool compare bench loadtest lock container-smoke clean recalibration-study
+.PHONY: serve model test test-fast lint chromium promtool compare bench bench-drift loadtest lock container-smoke clean recalibration-study
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "bnserve needs Python >= 3.11"'
@@ -122,6 +122,10 @@ test-fast: lint promtool
 # Benchmarks (issue 5): installs its own load generator, bounded in time, prints a table.
 bench: $(MODEL) | $(DEV_STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# Only what drift monitoring costs (the A/B and in-process parts of make bench): a few minutes.
+bench-drift: $(MODEL) | $(DEV_STAMP)
+	$(BIN)/python benchmarks/run.py --drift-only
 
 # The README's drift-detection table (issue 13): simulated drifts replayed through the exported
 # model and app/drift.py's monitor; trains the default model afresh unless CHECKPOINT=... names

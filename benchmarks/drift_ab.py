@@ -4,9 +4,11 @@ ways in the same run.
 End to end, an A/B: two bnserve servers with monitoring on (the default) and two with it off,
 all serving the same /predict requests at c=16, measured back to back in every round, in the
 order on1 off1 on2 off2 and reversed every other round, so that slow drift of the machine (load
-from neighbours, heat) falls on both sides alike. Two processes per side, because the bench's
-noise control shows that two identical processes can differ by several percent between them.
-A round's ratio is mean(on req/s) / mean(off req/s); the result is the median over rounds.
+from neighbours, heat) falls on both sides alike. Every round starts four fresh processes: a
+process keeps its own speed for its whole life (memory layout, hash seed; two identical servers
+in one run of ``make bench`` can differ by 5 % or more, see the noise control), and a fixed pair
+would carry its luck into every round. Drawn anew each round, that luck is noise the median over
+rounds averages out. A round's ratio is mean(on req/s) / mean(off req/s).
 
 In-process, without HTTP: what a watched ONNX Runtime run (the monitoring outputs too, then
 buffered by the monitor) costs over a plain one, and so per request at the sampling rate.
@@ -31,29 +33,28 @@ MeasureCell = Callable[[Any], dict[str, float]]  # a Server -> one c=16 cell on 
 
 
 def ab(make: ServerFactory, measure: MeasureCell, rounds: int) -> dict[str, Any]:
-    """The A/B above: per round each server's cell, and the on/off ratio."""
-    servers = [make("drift-on-1", True), make("drift-off-1", False),
-               make("drift-on-2", True), make("drift-off-2", False)]
+    """The A/B above: per round each fresh server's cell, and the on/off ratio."""
     names = ["on1", "off1", "on2", "off2"]
     cells: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     ratios: list[float] = []
-    try:
-        for s in servers:
-            s.start()
-        for r in range(rounds):
+    for r in range(rounds):
+        servers = [make(f"drift-{n}", n.startswith("on")) for n in names]
+        try:
+            for s in servers:
+                s.start()
             order = list(zip(names, servers, strict=True))
             for name, server in order if r % 2 == 0 else order[::-1]:
                 cells[name].append(measure(server))
-            on = (cells["on1"][-1]["rps"] + cells["on2"][-1]["rps"]) / 2
-            off = (cells["off1"][-1]["rps"] + cells["off2"][-1]["rps"]) / 2
-            ratios.append(on / off)
-            print(f"drift A/B round {r + 1}/{rounds}: on {on:.0f} req/s, off {off:.0f} req/s, "
-                  f"ratio {ratios[-1]:.3f}", flush=True)
-    finally:
-        for s in servers:
-            s.stop()
-    return {"rounds": rounds, "cells": cells, "ratios": ratios,
-            "ratio": statistics.median(ratios),
+        finally:
+            for s in servers:
+                s.stop()
+        on = (cells["on1"][-1]["rps"] + cells["on2"][-1]["rps"]) / 2
+        off = (cells["off1"][-1]["rps"] + cells["off2"][-1]["rps"]) / 2
+        ratios.append(on / off)
+        print(f"drift A/B round {r + 1}/{rounds}: on {on:.0f} req/s, off {off:.0f} req/s, "
+              f"ratio {ratios[-1]:.3f}", flush=True)
+    return {"rounds": rounds, "fresh_processes_per_round": True, "cells": cells,
+            "ratios": ratios, "ratio": statistics.median(ratios),
             "cpu_us": {n: statistics.median(c["cpu_us"] for c in cells[n]) for n in names},
             "errors": sum(int(c["errors"]) for n in names for c in cells[n])}
 

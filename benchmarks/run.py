@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell")
     p.add_argument("--drift-rounds", type=int, default=10,
                    help="rounds of the drift monitoring A/B (benchmarks/drift_ab.py)")
+    p.add_argument("--drift-only", action="store_true",
+                   help="only the drift monitoring cost (A/B and in-process), into "
+                   "reports/bench-drift.json unless --out says otherwise (make bench-drift)")
     p.add_argument("--memory-requests", type=int, default=200_000)
-    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench.json")
+    p.add_argument("--out", type=Path, default=None, help="reports/bench.json by default")
     p.add_argument("--kserve-venv", type=Path, default=kserve_env.VENV,
                    help="KServe's own venv, made on first use")
     args = p.parse_args(argv)
@@ -189,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     started = time.time()
     wrk = loadgen.ensure_wrk()
+    if args.drift_only:
+        return drift_only(args, wrk)
+    args.out = args.out or ROOT / "reports" / "bench.json"
     kserve_python, kserve_install = kserve_env.ensure(args.kserve_venv)
     kserve_versions = kserve_env.versions(kserve_python)
     print("KServe venv: " + ", ".join(f"{k} {v}" for k, v in kserve_versions.items()),
@@ -215,8 +221,6 @@ def main(argv: list[str] | None = None) -> int:
         "wide": floor.measure(wide, checkpoint.load(wide.with_suffix(".ckpt"))[2]),
         "image": floor.measure(image, np.load(image_model.FIXTURE / "resnet_basic.inputs.npy")),
     }
-    print("drift monitoring: a watched run against a plain one, in-process", flush=True)
-    drift_inprocess = drift_ab.inprocess(default_model, checkpoint.load(default_ckpt)[2])
     print("image model: where one request's time goes, in-process", flush=True)
     image_split = image_model.time_split(image, image_rows)
     bnserve_default = bnserve("bnserve", default_model, work)
@@ -280,13 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{cell['rps']:9.0f} req/s  p50 {cell['p50_ms']:.3f} ms  "
                           f"p99 {cell['p99_ms']:.3f} ms  {cell['cpu_us']:.0f} us CPU/req",
                           flush=True)
-        print(f"drift monitoring A/B: {args.drift_rounds} rounds at c=16", flush=True)
-        drift = drift_ab.ab(
-            lambda name, on: bnserve(name, default_model, work, drift=on),
-            lambda server: measure_cell(wrk, Target("drift-ab", "default", "drift A/B", server),
-                                        scripts["default"], 16, args.seconds, args.warmup),
-            args.drift_rounds)
-        drift["inprocess"] = drift_inprocess
+        drift = drift_ab_run(args, wrk, work)
         print(f"memory: {args.memory_requests} requests at c=16", flush=True)
         by_key = {t.key: t for t in targets_}
         memory = {key: memory_check(wrk, by_key[key].server, scripts["default"],
@@ -319,6 +317,41 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(targets.report(result))
     print(f"\nresults: {args.out}")
+    return 0
+
+
+def drift_ab_run(args: argparse.Namespace, wrk: str, work: Path) -> dict[str, Any]:
+    """benchmarks/drift_ab.py on the default model: in-process, then the A/B."""
+    model, ckpt = ROOT / "models" / "default.onnx", ROOT / "models" / "default.ckpt"
+    print("drift monitoring: a watched run against a plain one, in-process", flush=True)
+    inprocess = drift_ab.inprocess(model, checkpoint.load(ckpt)[2])
+    script = loadgen.write_script(work / "drift-ab.lua", rows_of(ckpt, 113))
+    print(f"drift monitoring A/B: {args.drift_rounds} rounds at c=16", flush=True)
+    result = drift_ab.ab(
+        lambda name, on: bnserve(name, model, work, drift=on),
+        lambda server: measure_cell(wrk, Target("drift-ab", "default", "drift A/B", server),
+                                    script, 16, args.seconds, args.warmup),
+        args.drift_rounds)
+    return result | {"inprocess": inprocess}
+
+
+def drift_only(args: argparse.Namespace, wrk: str) -> int:
+    """``make bench-drift``: the drift monitoring cost alone (a few minutes, not 25)."""
+    out = args.out or ROOT / "reports" / "bench-drift.json"
+    work = Path(tempfile.mkdtemp(prefix="bnserve-bench-drift-"))
+    try:
+        drift = drift_ab_run(args, wrk, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"machine": machine(), "settings": vars(args) | {"out": str(out)},
+              "drift_ab": drift}
+    result["targets"] = targets.check_drift(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=_json_default))
+    print()
+    print("\n".join([*targets.drift_lines(drift), "",
+                     *map(targets.target_line, result["targets"])]))
+    print(f"\nresults: {out}")
     return 0
 
 

@@ -29,19 +29,24 @@ def _ratio(result: dict[str, Any], key: str, base: str, c: int) -> float:
     return statistics.median(_ratios(result, key, base, c))
 
 
+def _target(name: str, measured: float, limit: float, at_least: bool, unit: str = "",
+            strict: bool = False) -> dict[str, Any]:
+    if at_least:
+        met = measured > limit if strict else measured >= limit
+    else:
+        met = measured < limit if strict else measured <= limit
+    op = (">" if at_least else "<") + ("" if strict else "=")
+    return {"target": name, "limit": f"{op} {limit:g}{unit}", "measured": round(measured, 4),
+            "unit": unit, "met": met}
+
+
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target: what it asks, what was measured, met or not."""
     out: list[dict[str, Any]] = []
 
     def add(name: str, measured: float, limit: float, at_least: bool, unit: str = "",
             strict: bool = False) -> None:
-        if at_least:
-            met = measured > limit if strict else measured >= limit
-        else:
-            met = measured < limit if strict else measured <= limit
-        op = (">" if at_least else "<") + ("" if strict else "=")
-        out.append({"target": name, "limit": f"{op} {limit:g}{unit}",
-                    "measured": round(measured, 4), "unit": unit, "met": met})
+        out.append(_target(name, measured, limit, at_least, unit, strict))
 
     bn, bnb = "default/bnserve", "default/bnserve+batching"
     # A server that answered errors was measured answering errors: no ratio against it holds.
@@ -79,11 +84,15 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     # Issue 13: drift monitoring on (the default) costs at most 5 % of /predict's req/s, in
     # the A/B of two servers on against two off (benchmarks/drift_ab.py)
     if "drift_ab" in result:
-        ab = result["drift_ab"]
-        add(f"drift monitoring on, c=16 req/s vs off (A/B, median of {ab['rounds']} rounds)",
-            ab["ratio"], 0.95, True, "x")
-        add("drift monitoring A/B, failed requests", ab["errors"], 0, False)
+        out += check_drift(result)
     return out
+
+
+def check_drift(result: dict[str, Any]) -> list[dict[str, Any]]:
+    ab = result["drift_ab"]
+    return [_target(f"drift monitoring on, c=16 req/s vs off (A/B, median of {ab['rounds']} "
+                    "rounds)", ab["ratio"], 0.95, True, "x"),
+            _target("drift monitoring A/B, failed requests", ab["errors"], 0, False)]
 
 
 def batching_bound(result: dict[str, Any], target: float) -> dict[str, float]:
@@ -178,12 +187,12 @@ def report(result: dict[str, Any]) -> str:
         r = _ratios(result, "default/bnserve-control", "default/bnserve", c)
         lines.append(f"  c={c}: {statistics.median(r):.3f} ({min(r):.3f} to {max(r):.3f})")
     if "drift_ab" in result:
-        lines += _drift_lines(result["drift_ab"])
+        lines += drift_lines(result["drift_ab"])
     bare = cell(result, "default/bare", 1)
     lines.append(f"  the stack alone (bare ASGI) at c=1: p50 {bare['p50_ms']:.3f} ms, "
                  f"p99 {bare['p99_ms']:.3f} ms")
     lines += ["", "targets (ratios are medians of per-round paired ratios):"]
-    lines += [_target_line(t) for t in result["targets"]]
+    lines += [target_line(t) for t in result["targets"]]
     b = next(t["bound"] for t in result["targets"] if "bound" in t)
     lines += [
         "",
@@ -214,11 +223,12 @@ def _v2_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _drift_lines(ab: dict[str, Any]) -> list[str]:
+def drift_lines(ab: dict[str, Any]) -> list[str]:
     """The drift monitoring A/B (two servers on, two off, back to back) and the in-process cost."""
     r, cpu, inp = ab["ratios"], ab["cpu_us"], ab["inprocess"]
     return [
-        f"  drift monitoring, 2 servers on vs 2 off, c=16, {ab['rounds']} rounds: req/s ratio "
+        f"  drift monitoring, 2 servers on vs 2 off (fresh processes every round), c=16, "
+        f"{ab['rounds']} rounds: req/s ratio "
         f"{statistics.median(r):.3f} ({min(r):.3f} to {max(r):.3f}); server CPU us/req on "
         f"{cpu['on1']:.0f}, {cpu['on2']:.0f}, off {cpu['off1']:.0f}, {cpu['off2']:.0f}",
         f"  drift monitoring in-process: a run {inp['run_us']:.1f} us, a watched run with its "
@@ -228,6 +238,6 @@ def _drift_lines(ab: dict[str, Any]) -> list[str]:
     ]
 
 
-def _target_line(t: dict[str, Any]) -> str:
+def target_line(t: dict[str, Any]) -> str:
     return (f"  [{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['measured']:g}{t['unit']} "
             f"(target {t['limit']})")
