@@ -59,11 +59,13 @@ def ab(make: ServerFactory, measure: MeasureCell, rounds: int) -> dict[str, Any]
             "errors": sum(int(c["errors"]) for n in names for c in cells[n])}
 
 
-def inprocess(model: Path, x: np.ndarray[Any, Any], repeats: int = 7,
-              n: int = 5000) -> dict[str, float]:
+def inprocess(model: Path, x: np.ndarray[Any, Any], sample_every: int | None = None,
+              repeats: int = 7, n: int = 5000) -> dict[str, float]:
     """Best-of-``repeats`` us per call of a plain run and of a watched run with the monitor's
-    buffering, alternated, over the rows of ``x`` one at a time."""
+    buffering, alternated, over the rows of ``x`` one at a time; per request when every
+    ``sample_every``-th run is watched (default: the service's setting)."""
     s = Settings()
+    every = sample_every or s.drift_sample_every
     predictor = Predictor.load(model, *Settings(workers=1).threads())
     reference = predictor.info.drift
     if reference is None:
@@ -87,5 +89,5 @@ def inprocess(model: Path, x: np.ndarray[Any, Any], repeats: int = 7,
             best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e6)
     extra = best["watched"] - best["plain"]
     return {"run_us": best["plain"], "watched_run_us": best["watched"],
-            "extra_per_watched_run_us": extra, "sample_every": s.drift_sample_every,
-            "extra_per_request_us": extra / s.drift_sample_every}
+            "extra_per_watched_run_us": extra, "sample_every": every,
+            "extra_per_request_us": extra / every}

@@ -100,11 +100,12 @@ def v2_rows_of(ckpt: Path, n: int, binary: bool) -> list[loadgen.Body]:
 
 
 def bnserve(name: str, model: Path, log_dir: Path, workers: int = 1,
-            batching: bool = False, drift: bool = True) -> Server:
+            batching: bool = False, drift: bool = True,
+            extra_env: dict[str, str] | None = None) -> Server:
     argv = [str(BIN / "bnserve-serve"), "--port", "{port}", "--model-path", str(model),
             "--workers", str(workers), "--host", "127.0.0.1"]
     env = {"BNSERVE_BATCHING": "true" if batching else "false",
-           "BNSERVE_DRIFT": "true" if drift else "false"}  # on by default, as in the service
+           "BNSERVE_DRIFT": "true" if drift else "false", **(extra_env or {})}  # drift on: default
     return Server(name, argv, env, log_dir / f"{name.replace('/', '_')}.log", workers)
 
 
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drift-only", action="store_true",
                    help="only the drift monitoring cost (A/B and in-process), into "
                    "reports/bench-drift.json unless --out says otherwise (make bench-drift)")
+    p.add_argument("--drift-sample-every", type=int, default=None,
+                   help="BNSERVE_DRIFT_SAMPLE_EVERY of the A/B's servers with monitoring on "
+                   "(default: the service's own)")
     p.add_argument("--memory-requests", type=int, default=200_000)
     p.add_argument("--out", type=Path, default=None, help="reports/bench.json by default")
     p.add_argument("--kserve-venv", type=Path, default=kserve_env.VENV,
@@ -324,11 +328,13 @@ def drift_ab_run(args: argparse.Namespace, wrk: str, work: Path) -> dict[str, An
     """benchmarks/drift_ab.py on the default model: in-process, then the A/B."""
     model, ckpt = ROOT / "models" / "default.onnx", ROOT / "models" / "default.ckpt"
     print("drift monitoring: a watched run against a plain one, in-process", flush=True)
-    inprocess = drift_ab.inprocess(model, checkpoint.load(ckpt)[2])
+    every = args.drift_sample_every
+    inprocess = drift_ab.inprocess(model, checkpoint.load(ckpt)[2], every)
     script = loadgen.write_script(work / "drift-ab.lua", rows_of(ckpt, 113))
     print(f"drift monitoring A/B: {args.drift_rounds} rounds at c=16", flush=True)
+    env = {} if every is None else {"BNSERVE_DRIFT_SAMPLE_EVERY": str(every)}
     result = drift_ab.ab(
-        lambda name, on: bnserve(name, model, work, drift=on),
+        lambda name, on: bnserve(name, model, work, drift=on, extra_env=env),
         lambda server: measure_cell(wrk, Target("drift-ab", "default", "drift A/B", server),
                                     script, 16, args.seconds, args.warmup),
         args.drift_rounds)
