@@ -5,10 +5,10 @@ End to end, an A/B: two bnserve servers with monitoring on (the default) and two
 all serving the same /predict requests at c=16, measured back to back in every round, in the
 order on1 off1 on2 off2 and reversed every other round, so that slow drift of the machine (load
 from neighbours, heat) falls on both sides alike. Every round starts four fresh processes: a
-process keeps its own speed for its whole life (memory layout, hash seed; two identical servers
-in one run of ``make bench`` can differ by 5 % or more, see the noise control), and a fixed pair
-would carry its luck into every round. Drawn anew each round, that luck is noise the median over
-rounds averages out. A round's ratio is mean(on req/s) / mean(off req/s).
+process keeps its own speed for its whole life (two identical servers in one run of
+``make bench`` can differ by 5 % or more, round after round: see the noise control), and a
+fixed pair would carry its luck into every round. Drawn anew each round, that luck is noise
+the median over rounds averages out. A round's ratio is mean(on req/s) / mean(off req/s).
 
 In-process, without HTTP: what a watched ONNX Runtime run (the monitoring outputs too, then
 buffered by the monitor) costs over a plain one, and so per request at the sampling rate.
