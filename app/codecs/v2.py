@@ -28,7 +28,7 @@ import functools
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import orjson
@@ -173,15 +173,20 @@ class V2Codec:
             return None
         spec, asked_id, binary_out = envelope
         shape, example = spec.get("shape"), model.predictor.input_shape
-        if not (type(shape) is list and len(shape) == len(example) + 1
-                and type(n := shape[0]) is int and 1 <= n <= self.max_batch
-                and tuple(shape[1:]) == example):
+        if not self._common_shape(shape, example):
             return None
+        n = shape[0]
         x = _common_values(spec, tail, n * math.prod(example))
         if x is None:
             return None
         outputs = _every_output(len(model.predictor.output_names), binary_out)
         return Decoded(x.reshape(shape), n == 1, Asked(asked_id, outputs))
+
+    def _common_shape(self, value: object, example: tuple[int, ...]) -> TypeGuard[list[int]]:
+        """[N, *example] with 1 <= N <= max_batch (True == 1 as N is refused)."""
+        return (type(value) is list and len(value) == len(example) + 1
+                and type(value[0]) is int and 1 <= value[0] <= self.max_batch
+                and tuple(value[1:]) == example)
 
     def _input(self, model: Model, value: object, tail: bytes) -> F32:
         if type(value) is not list or len(value) != 1:
@@ -229,10 +234,8 @@ class V2Codec:
         return _checked(np.frombuffer(tail, dtype).reshape(shape), dtype, where)
 
     def _shape(self, value: object, example: tuple[int, ...], where: str) -> tuple[int, ...]:
-        if (type(value) is list and len(value) == len(example) + 1
-                and type(value[0]) is int and 1 <= value[0] <= self.max_batch
-                and tuple(value[1:]) == example):
-            return tuple(value)  # the common case (and True == 1 is refused below)
+        if self._common_shape(value, example):
+            return tuple(value)
         want = f"[N, {', '.join(map(str, example))}] with 1 <= N <= {self.max_batch}"
         if type(value) is not list or not all(type(d) is int for d in value):
             raise BadInputError(f"{where}: 'shape' is {kind(value)}; expected a list of integers",
